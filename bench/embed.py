@@ -1,0 +1,91 @@
+"""Embedding throughput of the default model, as a fraction of this machine's matmul rate, in one run.
+
+    .venv/bin/python -m bench.embed [--size 64] [--seconds 3] [--json]
+
+Prints items/s at batch 1 and 64 (eval mode, torch.inference_mode), the model's FLOPs per item (counted
+by torch.utils.flop_counter: 2 FLOPs per multiply-add of convs and linears), the achieved GFLOP/s, and
+the ratio to a 2048x2048 float32 matmul measured in the same process a moment before.  Absolute rates
+move with the machine; the ratio is the number to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from embedder.model import ModelConfig, build_model
+from embedder.norm import NormConfig
+
+
+def timed_rate(fn, seconds: float) -> float:
+    """Calls per second of fn, after a warm-up, over at least `seconds`."""
+    for _ in range(3):
+        fn()
+    n, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        fn()
+        n += 1
+    return n / elapsed
+
+
+def matmul_gflops(n: int = 2048, seconds: float = 3.0) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return timed_rate(lambda: torch.mm(a, b), seconds) * 2 * n**3 / 1e9
+
+
+def flops_per_item(model: torch.nn.Module, size: int, channels: int) -> float:
+    x = torch.zeros(8, channels, size, size, dtype=torch.uint8)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(x)
+    return counter.get_total_flops() / 8
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--channels", type=int, default=1)
+    ap.add_argument("--norm", default="moving")
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    cfg = ModelConfig(in_channels=args.channels, input_size=args.size, norm=NormConfig(kind=args.norm))
+    model = build_model(cfg).eval()
+    flops = flops_per_item(model, args.size, args.channels)
+    peak = matmul_gflops(seconds=args.seconds)
+    result: dict[str, object] = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "model": {"widths": cfg.widths, "blocks": cfg.blocks, "size": args.size, "norm": args.norm},
+        "mflops_per_item": round(flops / 1e6, 2),
+        "matmul_gflops": round(peak, 1),
+    }
+    for batch in (1, 64):
+        x = torch.randint(0, 256, (batch, args.channels, args.size, args.size), dtype=torch.uint8)
+        with torch.inference_mode():
+            items = timed_rate(lambda x=x: model(x), args.seconds) * batch
+        gflops = items * flops / 1e9
+        result[f"batch{batch}"] = {
+            "items_per_s": round(items, 1),
+            "gflops": round(gflops, 2),
+            "fraction_of_matmul": round(gflops / peak, 3),
+        }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"torch {result['torch']}, {result['threads']} threads, model {result['model']}")
+    print(f"FLOPs per item: {result['mflops_per_item']} MFLOP; matmul 2048x2048: {peak:.1f} GFLOP/s")
+    for batch in (1, 64):
+        r = result[f"batch{batch}"]
+        print(
+            f"batch {batch:>2}: {r['items_per_s']:>8} items/s  {r['gflops']:>6} GFLOP/s  "
+            f"= {r['fraction_of_matmul']:.1%} of matmul"
+        )
+
+
+if __name__ == "__main__":
+    main()

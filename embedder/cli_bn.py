@@ -1,0 +1,7 @@
+"""Placeholder: its owner replaces this file."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    return None

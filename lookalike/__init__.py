@@ -1,0 +1,1 @@
+"""lookalike: the console script's home. The work lives in `embedder`, `training` and `service`."""

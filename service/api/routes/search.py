@@ -1,0 +1,119 @@
+"""POST /search: neighbours of an uploaded file, a vector, or a stored item."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import numpy as np
+from fastapi import APIRouter, Request
+from pydantic import ValidationError
+
+from service.api.deps import (
+    ReadKey,
+    RuntimeDep,
+    float_field,
+    int_field,
+    media_type,
+    read_upload,
+    served_collection,
+)
+from service.api.errors import ApiError, bad_request, not_found, unsupported_type
+from service.api.schemas import HitPublic, SearchPublic, SearchQuery
+from service.runtime import Runtime, Served
+
+router = APIRouter(tags=["search"])
+
+SEARCH_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": SearchQuery.model_json_schema()},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        "collection": {"type": "string"},
+                        "k": {"type": "integer", "default": 10},
+                        "score_threshold": {"type": "number"},
+                        "label": {"type": "string"},
+                    },
+                }
+            },
+        },
+    }
+}
+
+
+def _query_vector(served: Served, vector: list[float]) -> np.ndarray:
+    xq = np.asarray(vector, dtype=np.float32)
+    if xq.shape != (served.embedder.dim,):
+        raise bad_request(f"vector must have {served.embedder.dim} values, got {xq.size}")
+    norm = float(np.linalg.norm(xq))
+    if not np.isfinite(norm) or norm == 0:
+        raise bad_request("vector must be finite and non-zero")
+    return xq / norm  # scores are cosines: the store holds unit vectors
+
+
+async def _from_json(request: Request, runtime: Runtime) -> tuple[Served, np.ndarray, SearchQuery]:
+    try:
+        query = SearchQuery.model_validate_json(await request.body())
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise bad_request(f"{where + ': ' if where else ''}{first['msg']}") from exc
+    served = served_collection(runtime, query.collection)
+    if query.vector is not None:
+        return served, _query_vector(served, query.vector), query
+    item = await anyio.to_thread.run_sync(served.collection.get, query.id)
+    if item is None:
+        raise not_found(f"item {query.id} in collection {served.name!r}")
+    return served, item.vector.astype(np.float32), query
+
+
+async def _from_file(request: Request, runtime: Runtime) -> tuple[Served, np.ndarray, SearchQuery]:
+    upload = await read_upload(request)
+    f = upload.fields
+    served = served_collection(runtime, f.get("collection"))
+    prepared = await runtime.prepare(served, upload.data)
+    vector = await runtime.embed(served, prepared.array)
+    query = SearchQuery.model_construct(
+        collection=served.name,
+        vector=None,
+        id=None,
+        k=int_field(f, "k", runtime.settings.default_k),
+        score_threshold=float_field(f, "score_threshold"),
+        label=f.get("label") or None,
+    )
+    return served, vector, query
+
+
+@router.post("/search", response_model=SearchPublic, dependencies=[ReadKey], openapi_extra=SEARCH_BODY)
+async def search(request: Request, runtime: RuntimeDep) -> SearchPublic:
+    started = time.perf_counter()
+    kind = media_type(request)
+    if kind == "application/json":
+        served, xq, query = await _from_json(request, runtime)
+    elif kind == "multipart/form-data":
+        served, xq, query = await _from_file(request, runtime)
+    else:
+        raise unsupported_type("send application/json ({vector} or {id}) or multipart/form-data with a file")
+    if not 1 <= query.k <= runtime.settings.max_k:
+        raise bad_request(f"k must be between 1 and {runtime.settings.max_k}")
+    hits = await anyio.to_thread.run_sync(
+        lambda: served.collection.search(
+            xq[None, :], query.k, label=query.label, score_threshold=query.score_threshold
+        )[0]
+    )
+    return SearchPublic(
+        model=served.bundle.id,
+        took_ms=round((time.perf_counter() - started) * 1000, 3),
+        results=[
+            HitPublic(id=h.id, score=h.score, sha256=h.sha256, name=h.name, label=h.label) for h in hits
+        ],
+    )
+
+
+__all__ = ["ApiError", "router"]
