@@ -166,7 +166,8 @@ def main() -> None:
         return
     print(f"/search by vector, k={args.k}, dim {DIM}, flat index; clients share the server's 2 cores")
     print(
-        f"{'items':>8} {'clients':>7} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} {'errors':>6} {'raw FAISS p50':>14} {'p50 - raw':>10}"
+        f"{'items':>8} {'clients':>7} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8} {'errors':>6} "
+        f"{'raw FAISS p50':>14} {'p50 - raw':>10}"
     )
     for n, row in results["sizes"].items():  # type: ignore[union-attr]
         for key, r in row.items():

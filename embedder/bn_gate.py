@@ -35,7 +35,14 @@ import torch
 from torch import nn
 
 from embedder.norm import bn_layers
-from embedder.precise_bn import MIN_SAMPLES, StatsDict, apply_statistics, as_batches, precise_statistics
+from embedder.precise_bn import (
+    MIN_SAMPLES,
+    StatsDict,
+    apply_statistics,
+    as_batches,
+    precise_statistics,
+    to_tensor,
+)
 
 CONVERGED = "converged"
 UNCONVERGED = "unconverged"
@@ -82,9 +89,6 @@ class LayerReport:
     log_var_ratio_max: float
     var_ratio_median: float
     """Median over channels of ``var_run / var_pop``: tells "too small" from "too large"."""
-    init_weight: float | None
-    """For ``moving`` layers, ``(1 - m) ** num_batches_tracked``: the share of the 0/1 start values
-    still in the running statistics had the batch statistics been constant."""
     failed: list[str] = field(default_factory=list)
 
 
@@ -177,9 +181,6 @@ def _layer_report(
     shift = ((mu_run - mu_pop).abs() / (var_pop + bn.eps).sqrt()).numpy()
     log_ratio = torch.log((var_run + bn.eps) / (var_pop + bn.eps)).numpy()
     nbt = None if bn.num_batches_tracked is None else int(bn.num_batches_tracked)
-    init_weight = None
-    if bn.momentum is not None and nbt is not None:
-        init_weight = float((1.0 - bn.momentum) ** nbt)
     return LayerReport(
         name=name,
         channels=int(mu_run.numel()),
@@ -190,7 +191,6 @@ def _layer_report(
         log_var_ratio_p95=float(np.percentile(np.abs(log_ratio), 95)),
         log_var_ratio_max=float(np.abs(log_ratio).max()),
         var_ratio_median=float(np.exp(np.median(log_ratio))),
-        init_weight=init_weight,
     )
 
 
@@ -262,7 +262,7 @@ def check_model(
     """
     thresholds = thresholds or GateThresholds()
     start = time.perf_counter()
-    x = torch.from_numpy(np.ascontiguousarray(x_cal)) if isinstance(x_cal, np.ndarray) else x_cal
+    x = to_tensor(x_cal)
     report = GateReport(
         verdict=CONVERGED,
         reasons=[],

@@ -22,6 +22,7 @@ Two choices set this module apart from fvcore's ``update_bn_stats``:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Iterable, Sequence
@@ -125,9 +126,18 @@ def _execution_order(model: nn.Module, names: Sequence[str], probe: torch.Tensor
     return order
 
 
+def to_tensor(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A tensor sharing ``x``'s memory when it can (a read-only array, e.g. from IDX bytes, is copied)."""
+    if isinstance(x, torch.Tensor):
+        return x
+    if not x.flags.writeable or not x.flags.c_contiguous:
+        x = np.array(x, copy=True, order="C")
+    return torch.from_numpy(x)
+
+
 def as_batches(x: np.ndarray | torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    """Split a sample into consecutive batches (views, no copies)."""
-    t = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+    """Split a sample into consecutive batches (views of ``x`` where numpy allows it)."""
+    t = to_tensor(x)
     return [t[i : i + batch_size] for i in range(0, len(t), batch_size)]
 
 
@@ -165,10 +175,8 @@ def precise_statistics(
         hook = bn.register_forward_pre_hook(capture)
         try:
             for b in batches:
-                try:
+                with contextlib.suppress(_Captured):
                     work(b)
-                except _Captured:
-                    pass
         finally:
             hook.remove()
         mean, var = est.result()

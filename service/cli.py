@@ -6,6 +6,7 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    from service import cli_serve
+    from service import cli_index, cli_serve
 
+    cli_index.register(app)
     cli_serve.register(app)

@@ -253,10 +253,12 @@ class Collection:
     ) -> list[list[Hit]]:
         """The k nearest items for each query row of ``xq`` (shape ``(nq, dim)``, L2-normalised for ip).
 
-        ``label`` restricts results to items with that label (FAISS ID selector, so k results come back
-        whenever k such items exist). ``score_threshold`` drops hits scoring below it (ip) or farther than it
-        (l2). Items deleted in SQLite never appear, even before this process has caught up. Results are
-        best first.
+        ``label`` restricts results to items with that label with a FAISS ID selector inside the search, not
+        by over-fetching and filtering: flat returns k hits whenever k such items exist; IVF and HNSW only
+        see the candidates they visit, so a rare label may get fewer. ``score_threshold`` drops hits
+        scoring below it (ip) or farther than it (l2). Results are best first and reflect the index's
+        SQLite position: another process's writes and deletes show after its next `catch_up`; this
+        object's own writes show at once.
         """
         self._check_open()
         xq = np.asarray(xq)

@@ -37,6 +37,7 @@ import os
 import re
 import struct
 import tempfile
+import time
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -203,6 +204,16 @@ class SnapshotHeader:
     crc32: int = 0
     written_at: str = ""
     format: int = _SNAPSHOT_FORMAT
+
+
+def remove_stale_temp_files(path: Path, max_age_s: float = 3600.0) -> None:
+    """Delete temp files of snapshot writes that crashed. Only old ones: a young one may be another
+    process's write in progress."""
+    now = time.time()
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if now - tmp.stat().st_mtime > max_age_s:
+                tmp.unlink()
 
 
 def _fsync_dir(path: Path) -> None:

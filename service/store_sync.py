@@ -31,6 +31,7 @@ from service.store_index import (
     index_ids,
     matches_spec,
     read_snapshot,
+    remove_stale_temp_files,
     search_params,
     write_snapshot,
 )
@@ -76,6 +77,7 @@ class IndexSync:
         self._rw = RWLock()
         self._apply_mutex = threading.Lock()
         self._snapshot_at: tuple[int, int] | None = None  # position of the snapshot on disk, if known
+        remove_stale_temp_files(self.snapshot_path)
         with self._apply_mutex:
             self._state = self._load()
 
