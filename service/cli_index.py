@@ -65,7 +65,7 @@ def index(
     from embedder.bn_gate import check_model
     from embedder.bundle import load_bundle
     from embedder.embed import Embedder
-    from embedder.errors import BundleError
+    from embedder.errors import BundleError, InputError
     from embedder.fold import fold_batchnorm
     from service.indexer import index_files
     from service.runtime import gate_explanation
@@ -83,9 +83,11 @@ def index(
         files = list_files(spec)
     except (BundleError, SpecError) as exc:
         raise _fail(str(exc)) from exc
-    report = check_model(
-        bundle.model, bundle.calibration_x, bundle.calibration_y, model_id=bundle.id
-    ).to_dict()
+    try:
+        gate = check_model(bundle.model, bundle.calibration_x, bundle.calibration_y, model_id=bundle.id)
+    except InputError as exc:  # e.g. a calibration sample too small to check
+        raise _fail(f"{model}: {exc}") from exc
+    report = gate.to_dict()
     if not report["passed"]:
         raise _fail(gate_explanation(collection, str(model), bundle.id, report), 1)
     embedder = Embedder(bundle, model=fold_batchnorm(bundle.model))

@@ -25,7 +25,7 @@ def serve(
     import uvicorn
     from pydantic import ValidationError
 
-    from embedder.errors import BundleError
+    from embedder.errors import BundleError, InputError
     from service.api.app import create_app
     from service.config import load_settings
     from service.runtime import GateRefused, Runtime
@@ -50,7 +50,7 @@ def serve(
     except GateRefused as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
-    except (BundleError, StoreError, OSError) as exc:
+    except (BundleError, InputError, StoreError, OSError) as exc:  # InputError: calibration too small
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     uvicorn.run(create_app(runtime), host=settings.host, port=settings.port, log_level="info")

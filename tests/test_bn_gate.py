@@ -248,6 +248,11 @@ def test_recalibrate_repairs_a_corrupted_bundle_without_touching_it(calibrated, 
     assert runner.invoke(app, ["check", str(tmp_path / "new")]).exit_code == 0
     assert runner.invoke(app, ["check", str(old)]).exit_code == 1
     assert tree_hash(old) == before, "check modified the bundle"
+    # Only --write-report writes, and the report is not part of the bundle id.
+    assert runner.invoke(app, ["check", str(old), "--write-report"]).exit_code == 1
+    rewritten = load_bundle(old)
+    assert rewritten.id == old_id and rewritten.bn_report is not None
+    assert rewritten.bn_report["verdict"] == UNCONVERGED and rewritten.bn_report["bundle"]["id"] == old_id
 
 
 def test_recalibrate_refuses_to_write_over_its_input(calibrated, sample, tmp_path) -> None:

@@ -84,6 +84,18 @@ def _count(store: Path) -> int:
         return 0
 
 
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
 def _index_args(store: Path, bundle: Path, manifest: Path) -> list[str]:
     return [
         str(LOOKALIKE), "index", "--store", str(store), "--collection", "exe", "--model", str(bundle),
@@ -104,8 +116,15 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(bundle, manifest, tmp_pa
     while _count(resumed) < 20 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert proc.poll() is None, "the job finished before it could be killed; the test needs a slower run"
+    workers = _children(proc.pid)
+    assert workers, "the job should preprocess in worker processes"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    # Its worker processes die with it instead of lingering as orphans.
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
     partial = _count(resumed)
     assert 20 <= partial < 120
 

@@ -155,3 +155,23 @@ def test_models_without_running_statistics_give_nothing() -> None:
     for kind in ("none", "group"):
         model = small_model(kind)
         assert precise_statistics(model, [torch.from_numpy(x)]) == {}
+
+
+def test_one_pass_equals_one_pass_per_layer(monkeypatch):
+    """The single whole-sample pass is an optimisation: it must give the per-layer result exactly."""
+    import embedder.precise_bn as precise_bn
+    from embedder.model import ModelConfig, build_model
+
+    torch.manual_seed(3)
+    model = build_model(ModelConfig(input_size=32)).train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.randint(0, 256, (16, 1, 32, 32), dtype=torch.uint8))
+    x = np.random.default_rng(3).integers(0, 256, (150, 1, 32, 32), dtype=np.uint8)
+    one = precise_bn.precise_statistics(model, precise_bn.as_batches(x, 64))
+    monkeypatch.setattr(precise_bn, "ONE_PASS_MAX", 0)
+    per_layer = precise_bn.precise_statistics(model, precise_bn.as_batches(x, 64))
+    assert one.keys() == per_layer.keys() and len(one) == 9
+    for name in one:
+        torch.testing.assert_close(one[name][0], per_layer[name][0], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(one[name][1], per_layer[name][1], rtol=1e-9, atol=1e-9)

@@ -212,6 +212,7 @@ def file_features(
             disable=not (progress and sys.stderr.isatty()),
         )
         pending: list[tuple[str, dict[str, bytes]]] = []
+        last_flush = [time.perf_counter()]
 
         def accept(key: str, result: dict[str, bytes] | str) -> None:
             if isinstance(result, str):
@@ -220,8 +221,10 @@ def file_features(
                 pending.append((key, result))
                 stats.computed += 1
             bar.update(1)
-            if len(pending) >= 64:
+            # Big files come first and take a minute each: flush by time as well as by count.
+            if len(pending) >= 64 or time.perf_counter() - last_flush[0] > 15:
                 _flush(cache, pending, have)
+                last_flush[0] = time.perf_counter()
 
         if n_workers == 1:
             for key in order:

@@ -105,4 +105,6 @@ def balanced_batches(
 
 def register(app: typer.Typer) -> None:
     # One import line per experiment module that registers commands on experiment_app goes here.
+    from training import cli_small_data  # noqa: F401  (registers small-data-bn)
+
     app.add_typer(experiment_app, name="experiment")

@@ -154,8 +154,7 @@ class TrainConfig:
             raise ValueError("warmup must be a fraction in (0, 1)")
         if self.modality == "executable" and self.augment:
             raise ValueError("executables are never augmented: a flipped or cropped binary is not a binary")
-        self.norm_config()  # raises on a bad norm / momentum combination
-        self.input_spec()
+        self.model_config(num_classes=2)  # raises on a bad norm, input spec or architecture
 
     def norm_config(self) -> NormConfig:
         return NormConfig(
@@ -375,19 +374,20 @@ def evaluate(
 ) -> dict[str, Any]:
     """One evaluation pass: train-mode vs eval-mode accuracy, held-out accuracy, retrieval."""
     x_sub, y_sub = data.x[plan.subset], label_map[data.y[plan.subset]]
-    out: dict[str, Any] = {
-        "train_mode_acc": train_mode_accuracy(model, x_sub, y_sub, batch_size),
-        "eval_mode_acc": _accuracy_from_embeddings(model, embed_eval(model, x_sub), y_sub),
-    }
-    out["gap"] = out["train_mode_acc"] - out["eval_mode_acc"]
-    # Embed every needed item once; held-out items, queries and index overlap.
-    need = np.unique(np.concatenate([plan.heldout, plan.queries, plan.index]))
-    emb = embed_eval(model, data.x[need]) if len(need) else np.zeros((0, model.cfg.embed_dim), np.float32)
-    pos = np.searchsorted(need, np.arange(len(data))) if len(need) else None
+    # Embed every needed item once in eval mode: the subset, held-out items, queries and index overlap
+    # (with a small training set the subset lies inside the index).
+    need = np.unique(np.concatenate([plan.subset, plan.heldout, plan.queries, plan.index]))
+    emb = embed_eval(model, data.x[need])
+    pos = np.searchsorted(need, np.arange(len(data)))
 
     def rows(idx: np.ndarray) -> np.ndarray:
-        return emb[pos[idx]] if len(idx) else emb[:0]
+        return emb[pos[idx]]
 
+    out: dict[str, Any] = {
+        "train_mode_acc": train_mode_accuracy(model, x_sub, y_sub, batch_size),
+        "eval_mode_acc": _accuracy_from_embeddings(model, rows(plan.subset), y_sub),
+    }
+    out["gap"] = out["train_mode_acc"] - out["eval_mode_acc"]
     out["heldout_acc"] = _accuracy_from_embeddings(model, rows(plan.heldout), label_map[data.y[plan.heldout]])
     out["heldout_n"] = len(plan.heldout)
     if len(plan.queries) and len(plan.index) > (1 if plan.leave_one_out else 0):
@@ -405,6 +405,21 @@ def evaluate(
 
 
 # ------------------------------------------------------------------------------------------ training
+
+
+def one_cycle(total: int, warmup: float, start: float = 1 / 25, end: float = 1e-4) -> Callable[[int], float]:
+    """LR factor at step ``t``: a cosine ramp from ``start`` to 1 over the first ``warmup`` fraction of
+    the steps, then a cosine anneal to ``end``. The shape of torch's OneCycleLR, written out because
+    OneCycleLR divides by zero when a run has only a handful of steps (``--max-steps 3``)."""
+    warm = max(1, round(warmup * total))
+
+    def factor(t: int) -> float:
+        if t < warm:
+            return start + (1 - start) * (1 - math.cos(math.pi * t / warm)) / 2
+        p = min(1.0, (t - warm) / max(1, total - warm))
+        return end + (1 - end) * (1 + math.cos(math.pi * p)) / 2
+
+    return factor
 
 
 def _param_groups(model: EmbedNet, weight_decay: float) -> list[dict[str, Any]]:
@@ -452,7 +467,7 @@ def train(
     log: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train an embedding model on ``data[split.train]`` and evaluate it every epoch (see module doc)."""
-    cfg = cfg.resolved()
+    cfg = replace(cfg.resolved(), split=split.kind)  # the split actually used is what gets recorded
     say = log or (lambda _msg: None)
     spec = cfg.input_spec()
     want = (spec.channels, spec.size, spec.size)
@@ -521,9 +536,7 @@ def _train(
     # weights barely move in the last epoch, so BN running statistics CAN converge -- whether they did
     # is what the per-epoch train/eval accuracy gap shows.
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=float(cfg.lr or 1e-3))
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=float(cfg.lr or 1e-3), total_steps=total, pct_start=cfg.warmup
-    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, one_cycle(total, cfg.warmup))
     plan = _eval_plan(data, split, label_map, calibration, cfg, full=False)
     say(
         f"training {len(train_idx)} items, {len(labels)} classes, {epochs} epoch(s) x {per_epoch} steps "

@@ -14,6 +14,7 @@ from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
 def _series(history: Sequence[dict[str, Any]], key: str, sub: str | None = None) -> list[float]:
@@ -57,6 +58,8 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | os.PathLike[str],
     right.legend(lines, [ln.get_label() for ln in lines], loc="center right", fontsize=8)
     right.set_title("loss and retrieval")
 
+    for ax in (left, right):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if len(epochs) == 1:  # a single point still needs a readable axis
         for ax in (left, right):
             ax.set_xlim(epochs[0] - 1, epochs[0] + 1)

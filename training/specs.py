@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import signal
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -334,8 +335,28 @@ def process_pool(
     numpy, Pillow and LIEF code, never torch.
     """
     return ProcessPoolExecutor(
-        max_workers=workers, mp_context=get_context("fork"), initializer=initializer, initargs=initargs
+        max_workers=workers,
+        mp_context=get_context("fork"),
+        initializer=_die_with_parent,
+        initargs=(initializer, initargs),
     )
+
+
+def _die_with_parent(initializer: Callable[..., None] | None, initargs: tuple[Any, ...]) -> None:
+    """Make the worker exit when its parent dies, then run the caller's initializer.
+
+    A forked worker holds both ends of the pool's task pipe, so when the parent is killed (SIGKILL, OOM)
+    it never reads EOF and would wait forever; Linux can deliver it a signal instead.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
+    if initializer is not None:
+        initializer(*initargs)
 
 
 def _prepare_files(
