@@ -12,29 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench.common import matmul_gflops, timed_rate
 from embedder.model import ModelConfig, build_model
 from embedder.norm import NormConfig
-
-
-def timed_rate(fn, seconds: float) -> float:
-    """Calls per second of fn, after a warm-up, over at least `seconds`."""
-    for _ in range(3):
-        fn()
-    n, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds:
-        fn()
-        n += 1
-    return n / elapsed
-
-
-def matmul_gflops(n: int = 2048, seconds: float = 3.0) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    return timed_rate(lambda: torch.mm(a, b), seconds) * 2 * n**3 / 1e9
 
 
 def flops_per_item(model: torch.nn.Module, size: int, channels: int) -> float:

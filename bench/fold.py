@@ -14,25 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
-from collections.abc import Callable
 
 import torch
 
+from bench.common import timed_rate
 from embedder.fold import fold_batchnorm
 from embedder.model import ModelConfig, build_model
 from embedder.norm import NormConfig, bn_layers
-
-
-def timed_rate(fn: Callable[[], object], seconds: float) -> float:
-    """Calls per second of fn, after a warm-up, over at least `seconds`."""
-    for _ in range(2):
-        fn()
-    n, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds:
-        fn()
-        n += 1
-    return n / elapsed
 
 
 def trained_looking(cfg: ModelConfig, seed: int = 0) -> torch.nn.Module:

@@ -28,26 +28,15 @@ import faiss
 import numpy as np
 import torch
 
+from bench.common import random_gated_bundle
 from embedder.bn_gate import check_model
-from embedder.bundle import load_bundle, save_bundle
+from embedder.bundle import load_bundle
 from embedder.embed import Embedder
 from embedder.fold import fold_batchnorm
-from embedder.inputs import InputSpec
-from embedder.model import ModelConfig, build_model
-from embedder.precise_bn import recompute_bn_stats
 from service.indexer import index_files
 from service.store import NewItem, Store
 from training.debian import find_executables
 from training.specs import load_data
-
-
-def _random_bundle(root: Path) -> Path:
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(num_classes=2))
-    x = np.random.default_rng(0).integers(0, 256, (256, 1, 64, 64), dtype=np.uint8)
-    recompute_bn_stats(model, x)
-    save_bundle(root / "model", model.eval(), InputSpec(), ["a", "b"], x, np.arange(256) % 2)
-    return root / "model"
 
 
 def _read_all(paths: list[Path]) -> int:
@@ -151,7 +140,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         if not args.skip_indexing:
-            bundle = args.model or _random_bundle(tmp)
+            bundle = args.model or random_gated_bundle(tmp / "model")
             out["indexing"] = bench_indexing(
                 [Path(r) for r in args.roots.split(",")], bundle, tmp, args.max_mb
             )

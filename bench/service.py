@@ -24,26 +24,13 @@ from pathlib import Path
 import faiss
 import httpx
 import numpy as np
-import torch
 
-from embedder.bundle import load_bundle, save_bundle
-from embedder.inputs import InputSpec
-from embedder.model import ModelConfig, build_model
-from embedder.precise_bn import recompute_bn_stats
+from bench.common import random_gated_bundle
+from embedder.bundle import load_bundle
 from service.launch import serving
 from service.store import NewItem, Store
 
 DIM = 128
-
-
-def _bundle(root: Path) -> Path:
-    """A gate-passing model (precise statistics on a random sample): latency does not need training."""
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(num_classes=2))
-    x = np.random.default_rng(0).integers(0, 256, (256, 1, 64, 64), dtype=np.uint8)
-    recompute_bn_stats(model, x)
-    save_bundle(root / "model", model.eval(), InputSpec(), ["a", "b"], x, np.arange(256) % 2)
-    return root / "model"
 
 
 def _fill(store_dir: Path, model_id: str, xb: np.ndarray) -> None:
@@ -137,7 +124,7 @@ def main() -> None:
     results: dict[str, object] = {"k": args.k, "sizes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        bundle = _bundle(root)
+        bundle = random_gated_bundle(root / "model")
         model_id = load_bundle(bundle).id
         for n in map(int, args.sizes.split(",")):
             xb = rng.standard_normal((n, DIM)).astype(np.float32)

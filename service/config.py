@@ -8,6 +8,7 @@ the TOML file (``--config FILE`` or ``LOOKALIKE_CONFIG``), then the defaults bel
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -87,6 +88,14 @@ def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"configuration file {path} does not exist")
+
+    # The TOML source ignores unknown keys; a typo ("api_key") must not silently drop a setting.
+    with path.open("rb") as f:
+        unknown = sorted(set(tomllib.load(f)) - set(Settings.model_fields))
+    if unknown:
+        raise ValueError(
+            f"{path}: unknown settings {', '.join(unknown)}; known: {', '.join(Settings.model_fields)}"
+        )
 
     class _FromFile(Settings):
         model_config = SettingsConfigDict(toml_file=path)

@@ -16,26 +16,17 @@ import numpy as np
 import pytest
 import torch
 
+from bench.common import random_gated_bundle
 from embedder.bundle import save_bundle
 from embedder.inputs import InputSpec
 from embedder.model import ModelConfig, build_model
-from embedder.precise_bn import recompute_bn_stats
 from service.launch import LOOKALIKE
 from tests.conftest import run_cli
 
 
-def _gated_bundle(path: Path, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    model = build_model(ModelConfig(num_classes=2))
-    x = np.random.default_rng(seed).integers(0, 256, (128, 1, 64, 64), dtype=np.uint8)
-    recompute_bn_stats(model, x)
-    save_bundle(path, model.eval(), InputSpec(), ["a", "b"], x, np.arange(128) % 2)
-    return path
-
-
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
-    return _gated_bundle(tmp_path_factory.mktemp("model") / "b")
+    return random_gated_bundle(tmp_path_factory.mktemp("model") / "b")
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +152,7 @@ def test_summary_rejects_and_dedup(bundle, manifest, indexed):
 def test_refuses_another_model_and_unconverged_models(bundle, manifest, tmp_path):
     store = tmp_path / "store"
     run_cli(*_index_args(store, bundle, manifest)[1:])
-    other = _gated_bundle(tmp_path / "other", seed=1)
+    other = random_gated_bundle(tmp_path / "other", seed=1)
     r = run_cli(*_index_args(store, other, manifest)[1:], check=False)
     assert r.returncode == 2 and "model" in r.stderr.lower()
 

@@ -9,15 +9,11 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
-import torch
 
+from bench.common import random_gated_bundle
 from embedder.bundle import load_bundle, save_bundle
 from embedder.inputs import InputSpec
-from embedder.model import ModelConfig, build_model
-from embedder.norm import NormConfig
-from embedder.precise_bn import recompute_bn_stats
 from service.launch import LOOKALIKE, serving
 from tests.conftest import image_bytes, png_bomb_bytes, run_cli, write_config
 
@@ -28,13 +24,9 @@ KEY = {"X-API-Key": "e2e-key-123"}
 @pytest.fixture(scope="module")
 def image_bundle(tmp_path_factory) -> Path:
     """An image model with precise BN statistics: it passes the gate without any training."""
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(input_size=28, norm=NormConfig(kind="moving"), num_classes=2))
-    x = np.random.default_rng(0).integers(0, 256, (256, 1, 28, 28), dtype=np.uint8)
-    recompute_bn_stats(model, x)
-    out = tmp_path_factory.mktemp("img") / "bundle"
-    save_bundle(out, model.eval(), InputSpec.for_modality("image"), ["a", "b"], x, np.arange(256) % 2)
-    return out
+    return random_gated_bundle(
+        tmp_path_factory.mktemp("img") / "bundle", spec=InputSpec.for_modality("image")
+    )
 
 
 def _search_file(url: str, path: Path, **fields: object) -> httpx.Response:

@@ -73,7 +73,7 @@ def train_command(
     epochs: Annotated[
         int | None,
         typer.Option(
-            "--epochs", min=1, help="Passes over the training data. Default: 15 images, 40 executables."
+            "--epochs", min=1, help="Passes over the training data. Default: 15 images, 30 executables."
         ),
     ] = None,
     max_steps: Annotated[

@@ -68,7 +68,7 @@ MODALITY_DEFAULTS: dict[str, dict[str, Any]] = {
         "augment": True,
     },
     "executable": {
-        "epochs": 40,
+        "epochs": 30,
         "batch_size": 64,
         "lr": 3e-3,
         "size": 64,

@@ -8,29 +8,18 @@ from fastapi.responses import JSONResponse
 
 from service.api.deps import ReadKey, RuntimeDep, WriteKey, read_upload, served_collection
 from service.api.errors import ApiError, not_found
+from service.api.openapi import request_body
 from service.api.schemas import CollectionPublic, CollectionsPublic, ItemCreated, ItemDeleted
 from service.store import NewItem, UnsupportedOperation, WriterBusy
 
 router = APIRouter(prefix="/collections", tags=["collections"])
 
-ITEM_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {"type": "string", "format": "binary"},
-                        "name": {"type": "string", "description": "defaults to the uploaded file name"},
-                        "label": {"type": "string"},
-                    },
-                }
-            }
-        },
+ITEM_BODY = request_body(
+    multipart={
+        "name": {"type": "string", "description": "Defaults to the uploaded file name."},
+        "label": {"type": "string"},
     }
-}
+)
 
 
 @router.get("", response_model=CollectionsPublic, dependencies=[ReadKey])

@@ -5,30 +5,15 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from service.api.deps import ReadKey, RuntimeDep, read_upload, served_collection
+from service.api.openapi import COLLECTION, request_body
 from service.api.schemas import EmbedPublic
 
 router = APIRouter(tags=["embed"])
 
-MULTIPART_FILE = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {"type": "string", "format": "binary"},
-                        "collection": {"type": "string", "description": "optional when one is served"},
-                    },
-                }
-            }
-        },
-    }
-}
+EMBED_BODY = request_body(multipart={"collection": COLLECTION})
 
 
-@router.post("/embed", response_model=EmbedPublic, dependencies=[ReadKey], openapi_extra=MULTIPART_FILE)
+@router.post("/embed", response_model=EmbedPublic, dependencies=[ReadKey], openapi_extra=EMBED_BODY)
 async def embed(request: Request, runtime: RuntimeDep) -> EmbedPublic:
     upload = await read_upload(request)
     served = served_collection(runtime, upload.fields.get("collection"))

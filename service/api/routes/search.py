@@ -18,33 +18,22 @@ from service.api.deps import (
     read_upload,
     served_collection,
 )
-from service.api.errors import ApiError, bad_request, not_found, unsupported_type
+from service.api.errors import bad_request, not_found, unsupported_type
+from service.api.openapi import COLLECTION, request_body
 from service.api.schemas import HitPublic, SearchPublic, SearchQuery
 from service.runtime import Runtime, Served
 
 router = APIRouter(tags=["search"])
 
-SEARCH_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {"schema": SearchQuery.model_json_schema()},
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {"type": "string", "format": "binary"},
-                        "collection": {"type": "string"},
-                        "k": {"type": "integer", "default": 10},
-                        "score_threshold": {"type": "number"},
-                        "label": {"type": "string"},
-                    },
-                }
-            },
-        },
-    }
-}
+SEARCH_BODY = request_body(
+    multipart={
+        "collection": COLLECTION,
+        "k": {"type": "integer", "default": 10},
+        "score_threshold": {"type": "number"},
+        "label": {"type": "string"},
+    },
+    json_schema=SearchQuery.model_json_schema(),
+)
 
 
 def _query_vector(served: Served, vector: list[float]) -> np.ndarray:
@@ -114,6 +103,3 @@ async def search(request: Request, runtime: RuntimeDep) -> SearchPublic:
             HitPublic(id=h.id, score=h.score, sha256=h.sha256, name=h.name, label=h.label) for h in hits
         ],
     )
-
-
-__all__ = ["ApiError", "router"]
