@@ -281,8 +281,8 @@ def test_check_exits_2_on_unusable_input(calibrated, sample, tmp_path) -> None:
     r = runner.invoke(app, ["check", str(tiny)])
     assert r.exit_code == 2 and "at least 64 samples; got 20" in r.output
 
-    r = runner.invoke(app, ["check", str(tiny), "--data", str(tmp_path)])
-    assert r.exit_code == 2 and "data-spec loader" in r.output
+    r = runner.invoke(app, ["check", str(tiny), "--data", str(tmp_path / "no-such-data")])
+    assert r.exit_code == 2 and "no-such-data" in r.output
 
 
 def test_check_and_recalibrate_with_a_data_spec(calibrated, sample, tmp_path) -> None:

@@ -44,7 +44,7 @@ def _train_bundle(data_spec: str, cfg: TrainConfig, out: Path, split: str, **loa
 
 @pytest.fixture(scope="module")
 def exec_bundle_seen(exec_manifest, tmp_path_factory) -> Path:
-    cfg = TrainConfig(modality="executable", size=32, max_steps=6, batch_size=16, eval_subset=64, threads=2)
+    cfg = TrainConfig(modality="executable", size=32, max_steps=6, batch_size=16, eval_subset=64, threads=1)
     return _train_bundle(str(exec_manifest), cfg, tmp_path_factory.mktemp("m") / "exec", "seen")
 
 
@@ -106,7 +106,7 @@ def test_unseen_split_is_leave_one_out_over_held_out_families(exec_manifest, exe
 @pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST not installed")
 def test_images_get_raw_pixels_and_refuse_file_baselines(tmp_path):
     spec = f"idx:{FASHION}"
-    cfg = TrainConfig(modality="image", max_steps=8, batch_size=32, eval_subset=64, threads=2)
+    cfg = TrainConfig(modality="image", max_steps=8, batch_size=32, eval_subset=64, threads=1)
     bundle = _train_bundle(spec, cfg, tmp_path / "img", "seen", limit_per_class=12)
     data = load_data(spec, cfg.resolved().input_spec(), progress=False, limit_per_class=12)
     report = evaluate_retrieval(bundle, spec, "seen", ["pixels", "tlsh"], progress=False, data=data)

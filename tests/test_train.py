@@ -164,8 +164,13 @@ def test_bundle_round_trip_reproduces_embeddings(exec_data, exec_run, tmp_path):
 def test_refuses_data_prepared_for_another_input_spec(exec_data):
     from training.loop import TrainingError
 
+    assert TrainConfig(**EXEC).resolved().representation == "nataraj"  # InputSpec's default
     with pytest.raises(TrainingError, match="input spec"):
         train(exec_data, make_split(exec_data, "seen"), TrainConfig(**{**EXEC, "size": 64}, epochs=1))
+    # same shape, other representation: nataraj arrays must not train a model labelled bigram
+    with pytest.raises(TrainingError, match="bigram"):
+        cfg = TrainConfig(**{**EXEC, "representation": "bigram"}, epochs=1)
+        train(exec_data, make_split(exec_data, "seen"), cfg)
 
 
 @needs_fashion
@@ -236,6 +241,7 @@ def test_cli_writes_a_loadable_bundle_with_report(exec_manifest, tmp_path):
     b = load_bundle(out)
     assert b.id in r.output and "eval-mode" in r.output
     assert b.input_spec.modality == "executable" and b.input_spec.size == 32
+    assert b.input_spec.representation == "bigram"  # the CLI's default for executables
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["history"]) == 2 and "seconds_wall" in metrics["final"]
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -53,15 +53,16 @@ SAMPLERS = ("random", "balanced")
 # Images (Fashion-MNIST, 60,000 x 28x28): a stride-2 stem halves the resolution before the residual
 # stages, a quarter of the FLOPs of stride 1; with channels_last an epoch takes well under a minute and
 # 15 epochs of flip + crop augmentation reach the acceptance accuracy inside the 20-minute budget.
-# Executables (~1,200 training files, ~40 families, 64x64 nataraj): an epoch is ~20 steps, so many more
-# epochs are needed for the same number of updates; never augmented (a flipped binary is not a binary).
+# Executables (~1,500 training files, ~46 families, 64x64): an epoch is ~24 steps, so many more epochs
+# are needed for the same number of updates; never augmented (a flipped binary is not a binary).
+# The representation is not set here: it defaults to embedder.inputs.InputSpec's (one place for the
+# preprocessing default); `lookalike train` picks bigram for executables, see cli_train.py.
 MODALITY_DEFAULTS: dict[str, dict[str, Any]] = {
     "image": {
         "epochs": 15,
         "batch_size": 128,
         "lr": 3e-3,
         "size": 28,
-        "representation": "pixels",
         "widths": (32, 64, 128),
         "blocks": (1, 1, 1),
         "stem_stride": 2,
@@ -72,7 +73,6 @@ MODALITY_DEFAULTS: dict[str, dict[str, Any]] = {
         "batch_size": 64,
         "lr": 3e-3,
         "size": 64,
-        "representation": "nataraj",
         "widths": (32, 64, 128),
         "blocks": (1, 1, 1),
         "stem_stride": 2,
@@ -133,6 +133,7 @@ class TrainConfig:
             cfg.epochs = None  # max_steps alone decides the length
         cfg.widths, cfg.blocks = tuple(cfg.widths or ()), tuple(cfg.blocks or ())
         cfg._validate()
+        cfg.representation = cfg.input_spec().representation  # record the concrete choice
         return cfg
 
     def _validate(self) -> None:
@@ -458,6 +459,25 @@ class _Batches:
         return random_batches(self.n, self.batch_size, self.cfg.seed, e)
 
 
+def _check_representation(x: np.ndarray, spec: InputSpec) -> None:
+    """Refuse arrays declared bigram that are clearly not (nataraj arrays loaded with another spec).
+
+    Both representations are ``(1, S, S)`` uint8, so shapes cannot tell them apart, and a model trained
+    on nataraj arrays under a bundle that says "bigram" would be served the wrong inputs. Bigram arrays
+    are scaled so that every one peaks at exactly 255; nataraj arrays of real executables do so only
+    sometimes (37 % of the Debian manifest at 64x64, 3 % at 32x32). The converse test is not safe: at
+    large sizes nataraj pixels are raw bytes, and nearly every executable holds a 0xFF byte.
+    """
+    if spec.modality != "executable" or len(x) < 20:
+        return
+    peaks = float((x.reshape(len(x), -1).max(axis=1) == 255).mean())
+    if spec.representation == "bigram" and peaks < 0.99:
+        raise TrainingError(
+            f"the configuration says bigram, but only {peaks:.0%} of the arrays peak at 255 as bigram "
+            "arrays always do (nataraj arrays?); load the data with this configuration's input_spec()"
+        )
+
+
 def train(
     data: LabelledData,
     split: Split,
@@ -477,6 +497,7 @@ def train(
             f"({spec.modality}, {spec.representation}, size {spec.size}) needs uint8 {want}: load the data "
             "with this configuration's input_spec()"
         )
+    _check_representation(data.x, spec)
     if len(split.train) < 2:
         raise TrainingError(f"the {split.kind} split leaves {len(split.train)} training item(s); need 2+")
 
