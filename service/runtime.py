@@ -41,6 +41,10 @@ from service.store import Collection, Store
 log = logging.getLogger("lookalike.service")
 
 
+INLINE_SEARCH_MAX = 250_000
+"""Collections up to this many vectors are searched on the event loop (see routes/search.py)."""
+
+
 class GateRefused(LookalikeError):
     """A configured model failed the BN health gate; the service will not serve it."""
 
@@ -56,6 +60,10 @@ class Served:
     collection: Collection
     gate: dict[str, Any]
     warm: bool = False
+    inline_search: bool = True  # refreshed by the catch-up loop from the index size
+
+    def refresh(self) -> None:
+        self.inline_search = self.collection.index_status().ntotal <= INLINE_SEARCH_MAX
 
 
 @dataclass
@@ -88,6 +96,7 @@ class Runtime:
             embedder = Embedder(bundle, model=fold_batchnorm(bundle.model))
             collection = self.store.open_or_create(name, bundle.id, embedder.dim, index_kind=cfg.index)
             self.served[name] = Served(name, bundle, embedder, collection, report)
+            self.served[name].refresh()
             log.info(
                 "collection %s: model %s (%s), gate %s, %d items, loaded in %.1f s",
                 name,
@@ -117,6 +126,7 @@ class Runtime:
                 for s in self.served.values():
                     try:
                         s.collection.catch_up()
+                        s.refresh()
                     except Exception:  # keep following; the next tick retries
                         log.exception("catch-up of collection %s failed", s.name)
 
