@@ -31,12 +31,12 @@ import torch
 from bench.common import random_gated_bundle
 from embedder.bn_gate import check_model
 from embedder.bundle import load_bundle
+from embedder.dataspec import load_data
 from embedder.embed import Embedder
 from embedder.fold import fold_batchnorm
 from service.indexer import index_files
 from service.store import NewItem, Store
 from training.debian import find_executables
-from training.specs import load_data
 
 
 def _read_all(paths: list[Path]) -> int:

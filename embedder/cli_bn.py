@@ -1,10 +1,7 @@
 """`lookalike check` and `lookalike recalibrate`: the BN health gate and its repair, on bundles.
 
-``--data SPEC`` needs the data-spec loader, which lives in ``training`` (``training.specs.load_data``).
-``embedder`` must not import ``training``, so the loader is injected: the package that owns it calls
-:func:`set_data_loader` when it registers its own subcommands (``training.cli.register``), and these
-commands look it up only when ``--data`` is given.  Without a registered loader (``embedder`` used on its
-own) ``--data`` is refused with exit status 2; the bundle's calibration sample always works.
+The sample is the bundle's calibration sample, or ``--data SPEC`` loaded by :mod:`embedder.dataspec`
+(the same loader training uses) with labels matched to the bundle's by name.
 """
 
 from __future__ import annotations
@@ -12,9 +9,9 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any
 
 import numpy as np
 import typer
@@ -22,29 +19,10 @@ import typer
 from embedder.bn_gate import GateReport, GateThresholds, check_model
 from embedder.bundle import BN_REPORT, MAX_CALIBRATION, Bundle, load_bundle, save_bundle, write_report
 from embedder.errors import BundleError, LookalikeError
-from embedder.inputs import InputSpec
 from embedder.precise_bn import NotEnoughData, recompute_bn_stats
 
 CALIBRATION_SOURCE = "calibration sample"
 EXIT_PASS, EXIT_FAIL, EXIT_UNUSABLE = 0, 1, 2
-
-
-class LabelledSample(Protocol):
-    """What a data-spec loader returns (``training.specs.LabelledData`` has this shape)."""
-
-    x: np.ndarray  # uint8 (N, C, S, S)
-    y: np.ndarray  # int (N,), indices into labels
-    labels: list[str]
-
-
-DataLoader = Callable[[str, InputSpec], LabelledSample]
-_data_loader: DataLoader | None = None
-
-
-def set_data_loader(loader: DataLoader | None) -> None:
-    """Install the function that turns ``--data SPEC`` into a sample (``None`` removes it)."""
-    global _data_loader
-    _data_loader = loader
 
 
 class _Unusable(Exception):
@@ -70,13 +48,10 @@ def _sample(bundle: Bundle, data: str | None, max_samples: int) -> tuple[np.ndar
     """
     if data is None:
         return bundle.calibration_x, bundle.calibration_y, CALIBRATION_SOURCE
-    if _data_loader is None:
-        raise _Unusable(
-            "--data needs the data-spec loader of the training package, which is not available here; "
-            "omit --data to use the bundle's calibration sample"
-        )
+    from embedder.dataspec import load_data
+
     try:
-        loaded = _data_loader(data, bundle.input_spec)
+        loaded = load_data(data, bundle.input_spec, progress=False)
     except (LookalikeError, OSError, ValueError) as exc:
         raise _Unusable(f"--data {data}: {exc}") from exc
     index = {name: i for i, name in enumerate(bundle.labels)}

@@ -64,13 +64,13 @@ def index(
 
     from embedder.bn_gate import check_model
     from embedder.bundle import load_bundle
+    from embedder.dataspec import SpecError, list_files, parse_spec
     from embedder.embed import Embedder
     from embedder.errors import BundleError, InputError
     from embedder.fold import fold_batchnorm
     from service.indexer import index_files
     from service.runtime import gate_explanation
     from service.store import Store, StoreError
-    from training.specs import SpecError, list_files, parse_spec
 
     console = Console(stderr=True)
     try:

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from embedder.dataspec import process_pool
 from embedder.embed import Embedder
 from embedder.errors import InputError
 from embedder.inputs import InputSpec, check_size, prepare
 from service.store import Collection, NewItem
-from training.specs import process_pool
 
 INDEXED, DUPLICATE, UNREADABLE = "indexed", "duplicate", "unreadable"
 

@@ -6,19 +6,19 @@ import numpy as np
 import pytest
 import torch
 
+from embedder.dataspec import load_data
 from embedder.norm import bn_layers
 from tests.conftest import FASHION
 from training.balanced import (
     BalancedConfig,
-    balanced_predictions,
     balanced_test_batches,
+    batch_predictions,
     batch_probs,
     batch_statistics_model,
     run_balanced_experiment,
     standard_probs,
 )
 from training.loop import TrainConfig, train
-from training.specs import load_data
 from training.splits import make_split
 
 pytestmark = [
@@ -88,7 +88,7 @@ def test_batch_statistics_never_touch_the_model(trained):
     model, x, y = trained
     before = {name: bn.running_mean.clone() for name, bn in bn_layers(model)}
     bs = batch_statistics_model(model)
-    balanced_predictions(bs, x, balanced_test_batches(y, seed=0))
+    batch_predictions(bs, x, balanced_test_batches(y, seed=0))
     for name, bn in bn_layers(model):
         assert torch.equal(bn.running_mean, before[name])
     assert not model.training
@@ -113,6 +113,8 @@ def test_experiment_runs_end_to_end_on_a_subset(fashion):
         ("balanced", "balanced"),
         ("balanced", "balanced-shuffled"),
         ("random", "balanced"),
+        ("balanced", "random-batches"),
+        ("random", "random-batches"),
     ]
     assert all(0.0 <= r.error <= 1.0 for r in report.rows)
     assert report.row("balanced", "balanced-shuffled").passes == 2
@@ -121,5 +123,7 @@ def test_experiment_runs_end_to_end_on_a_subset(fashion):
     assert probe is not None and len(probe.rows) == 20  # 10 slots + 10 positions
     assert probe.position_max_logit_diff < 1e-4
     assert sum(probe.mates_counts.values()) == 3
+    assert [r.where for r in probe.rows if r.case == "position"] == list(range(10))
+    assert probe.takes_missing_class()[1] == 9  # every slot but the image's own class unbalances
     text = report.to_markdown()
     assert "balanced / balanced-shuffled" in text and "relative error reduction" in text

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from PIL import Image
 from typer.testing import CliRunner
 
-from embedder import cli_bn
 from embedder.bn_gate import (
     CONVERGED,
     NO_RUNNING_STATS,
@@ -286,9 +285,7 @@ def test_check_exits_2_on_unusable_input(calibrated, sample, tmp_path) -> None:
 
 
 def test_check_and_recalibrate_with_a_data_spec(calibrated, sample, tmp_path) -> None:
-    """--data through the loader the training package provides (registered here as it would be there)."""
-    from training.specs import load_data
-
+    """--data SPEC: a directory of labelled images, labels matched to the bundle's by name."""
     x, y = sample
     data = tmp_path / "data"
     for i, (img, label) in enumerate(zip(*synthetic(90, seed=5), strict=True)):
@@ -296,19 +293,15 @@ def test_check_and_recalibrate_with_a_data_spec(calibrated, sample, tmp_path) ->
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img[0]).save(d / f"{i}.png")
     bundle = make_bundle(tmp_path / "b", corrupted(calibrated, "stages.1.a.norm", "reset"), x, y)
-    cli_bn.set_data_loader(lambda spec, input_spec: load_data(spec, input_spec, workers=1, progress=False))
-    try:
-        r = runner.invoke(app, ["check", str(bundle), "--data", str(data), "--json"])
-        assert r.exit_code == 1, r.output
-        d = json.loads(r.output)
-        assert d["source"] == str(data) and d["n_samples"] == 90 and d["functional"]["labelled"] == 90
-        out = tmp_path / "n"
-        r = runner.invoke(app, ["recalibrate", str(bundle), "--data", str(data), "--out", str(out)])
-        assert r.exit_code == 0, r.output
-        new = load_bundle(tmp_path / "n")
-        assert new.provenance["recalibration"]["source"] == str(data)
-        assert len(new.calibration_x) == 90  # the sample the statistics came from
-        r = runner.invoke(app, ["check", str(bundle), "--data", str(tmp_path / "nope")])
-        assert r.exit_code == 2
-    finally:
-        cli_bn.set_data_loader(None)
+    r = runner.invoke(app, ["check", str(bundle), "--data", str(data), "--json"])
+    assert r.exit_code == 1, r.output
+    d = json.loads(r.output)
+    assert d["source"] == str(data) and d["n_samples"] == 90 and d["functional"]["labelled"] == 90
+    out = tmp_path / "n"
+    r = runner.invoke(app, ["recalibrate", str(bundle), "--data", str(data), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    new = load_bundle(tmp_path / "n")
+    assert new.provenance["recalibration"]["source"] == str(data)
+    assert len(new.calibration_x) == 90  # the sample the statistics came from
+    r = runner.invoke(app, ["check", str(bundle), "--data", str(tmp_path / "nope")])
+    assert r.exit_code == 2

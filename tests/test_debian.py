@@ -11,9 +11,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from embedder.dataspec import list_files, parse_spec
 from training import cli_dataset
 from training.debian import build_manifest, debian_source_package, find_executables, write_manifest
-from training.specs import list_files, parse_spec
 
 pytestmark = pytest.mark.skipif(shutil.which("dpkg-query") is None, reason="needs dpkg (a Debian system)")
 

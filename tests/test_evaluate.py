@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from embedder.dataspec import load_data
 from tests.conftest import FASHION, run_cli
 from training.evaluate import evaluate_retrieval
 from training.loop import TrainConfig, save_trained_bundle, train
-from training.specs import load_data
 from training.splits import make_split
 
 MAX_BYTES = 400_000  # ppdeep is pure Python: small files keep the test fast

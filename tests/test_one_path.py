@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from embedder.dataspec import load_data
 from embedder.embed import Embedder
 from embedder.inputs import InputSpec, prepare
 from service.parser_pool import ParserPool
 from tests.conftest import image_bytes
-from training.specs import load_data
 
 
 @pytest.mark.parametrize("representation", ["nataraj", "bigram"])

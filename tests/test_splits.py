@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from embedder.dataspec import LabelledData, load_data
 from embedder.inputs import InputSpec
-from training.specs import LabelledData, load_data
 from training.splits import SplitError, idx_parts, is_seen_test, is_unseen_family, make_split
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")

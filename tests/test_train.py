@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from embedder.bundle import load_bundle, state_dict_equal
+from embedder.dataspec import LabelledData, load_data
 from embedder.embed import Embedder
 from lookalike.cli import app
 from training.loop import (
@@ -23,7 +24,6 @@ from training.loop import (
     train,
     train_mode_accuracy,
 )
-from training.specs import LabelledData, load_data
 from training.splits import make_split
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")

@@ -44,7 +44,7 @@ import ppdeep
 import tlsh
 from tqdm import tqdm
 
-from training.specs import process_pool
+from embedder.dataspec import process_pool
 
 FILE_BASELINES: tuple[str, ...] = ("tlsh", "ssdeep", "bytehist")
 IMAGE_BASELINES: tuple[str, ...] = ("pixels",)

@@ -88,8 +88,8 @@ def show(
     workers: Annotated[int | None, typer.Option("--workers", min=1, help="Default: every CPU.")] = None,
 ) -> None:
     """Load SPEC exactly as training would and print class sizes, skip reasons and the fingerprint."""
+    from embedder.dataspec import SpecError, load_data
     from embedder.inputs import InputSpec
-    from training.specs import SpecError, load_data
 
     console = Console()
     try:

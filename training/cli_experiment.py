@@ -29,7 +29,7 @@ def balanced_batches(
     data: Annotated[
         str, typer.Option("--data", help="idx:DIR with train and test parts.")
     ] = "idx:/usr/share/datasets/fashion-mnist",
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Epochs of each of the two trainings.")] = 2,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Epochs of each of the two trainings.")] = 5,
     max_steps: Annotated[
         int | None, typer.Option("--max-steps", min=1, help="Stop each training after this many steps.")
     ] = None,

@@ -170,9 +170,9 @@ def train_command(
 
     from rich.console import Console
 
+    from embedder.dataspec import SpecError, load_data, parse_spec
     from embedder.errors import BundleError, LookalikeError
     from training.loop import TrainConfig, TrainingError, save_trained_bundle, train
-    from training.specs import SpecError, load_data, parse_spec
     from training.splits import SplitError, make_split
 
     console = Console(highlight=False)

@@ -27,9 +27,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from embedder.dataspec import process_pool
 from embedder.errors import InputError, LookalikeError
 from embedder.inputs import DEFAULT_MAX_BYTES, detect_executable
-from training.specs import process_pool
 
 # ELF from the usual places, plus the Windows PE stubs and plugins of Debian's `nsis` package where it is
 # installed (the MinGW runtime DLLs are under /usr/lib already). Missing roots are skipped.

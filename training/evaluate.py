@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from embedder.bundle import Bundle, load_bundle
+from embedder.dataspec import LabelledData, load_data
 from embedder.embed import Embedder
 from training.baselines import (
     FILE_BASELINES,
@@ -35,7 +36,6 @@ from training.baselines import (
     tlsh_distances,
 )
 from training.metrics import rank_metrics_from_distances, retrieval_metrics
-from training.specs import LabelledData, load_data
 from training.splits import Split, make_split
 
 METRIC_COLUMNS: tuple[tuple[str, str], ...] = (

@@ -39,12 +39,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from embedder.bundle import save_bundle
+from embedder.dataspec import LabelledData
 from embedder.inputs import InputSpec
 from embedder.model import EmbedNet, ModelConfig, build_model
 from embedder.norm import NormConfig, on_epoch_start
 from training.metrics import retrieval_metrics
 from training.samplers import BalancedBatchSampler, random_batches
-from training.specs import LabelledData
 from training.splits import Split
 
 SAMPLERS = ("random", "balanced")

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from embedder.bn_gate import check_model
+from embedder.dataspec import LabelledData, load_data
 from embedder.inputs import InputSpec
 from embedder.precise_bn import recompute_bn_stats
 from training.loop import TrainConfig, embed_eval, train, train_mode_accuracy
-from training.specs import LabelledData, load_data
 from training.splits import Split, make_split
 
 DEFAULT_FAMILIES = ("coreutils", "util-linux", "systemd")

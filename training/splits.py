@@ -26,7 +26,7 @@ from typing import Literal
 
 import numpy as np
 
-from training.specs import LabelledData
+from embedder.dataspec import LabelledData
 
 SplitKind = Literal["seen", "unseen", "none"]
 SPLIT_KINDS: tuple[str, ...] = ("seen", "unseen", "none")

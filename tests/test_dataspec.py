@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from embedder.dataspec import FASHION_CLASSES, DataSpec, SpecError, list_files, load_data, parse_spec
 from embedder.inputs import InputSpec, prepare_array, prepare_file, read_idx
-from training.specs import FASHION_CLASSES, DataSpec, SpecError, list_files, load_data, parse_spec
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion = pytest.mark.skipif(not FASHION.is_dir(), reason="Fashion-MNIST not installed")
