@@ -1,6 +1,7 @@
-"""Embedding throughput of the default model, as a fraction of this machine's matmul rate, in one run.
+"""Embedding throughput of the model `lookalike train` makes by default, as a fraction of this machine's
+matmul rate, in one run.
 
-    .venv/bin/python -m bench.embed [--size 64] [--seconds 3] [--json]
+    .venv/bin/python -m bench.embed [--modality executable|image] [--size S] [--seconds 3] [--json]
 
 Prints items/s at batch 1 and 64 (eval mode, torch.inference_mode), the model's FLOPs per item (counted
 by torch.utils.flop_counter: 2 FLOPs per multiply-add of convs and linears), the achieved GFLOP/s, and
@@ -18,7 +19,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.common import matmul_gflops, timed_rate
 from embedder.model import ModelConfig, build_model
-from embedder.norm import NormConfig
+from training.cli_train import EXECUTABLE_REPRESENTATION
+from training.loop import TrainConfig
+
+
+def shipped_config(modality: str, size: int | None, norm: str) -> ModelConfig:
+    """The architecture `lookalike train` builds for a modality (its defaults, one place: TrainConfig)."""
+    rep = EXECUTABLE_REPRESENTATION if modality == "executable" else None
+    cfg = TrainConfig(modality=modality, norm=norm, size=size, representation=rep).resolved()
+    return cfg.model_config(num_classes=0)
 
 
 def flops_per_item(model: torch.nn.Module, size: int, channels: int) -> float:
@@ -30,26 +39,35 @@ def flops_per_item(model: torch.nn.Module, size: int, channels: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--channels", type=int, default=1)
+    ap.add_argument("--modality", choices=("executable", "image"), default="executable")
+    ap.add_argument("--size", type=int, default=None, help="input size (default: the modality's)")
     ap.add_argument("--norm", default="moving")
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    cfg = ModelConfig(in_channels=args.channels, input_size=args.size, norm=NormConfig(kind=args.norm))
+    cfg = shipped_config(args.modality, args.size, args.norm)
+    size, channels = cfg.input_size, cfg.in_channels
     model = build_model(cfg).eval()
-    flops = flops_per_item(model, args.size, args.channels)
+    flops = flops_per_item(model, size, channels)
     peak = matmul_gflops(seconds=args.seconds)
     result: dict[str, object] = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "model": {"widths": cfg.widths, "blocks": cfg.blocks, "size": args.size, "norm": args.norm},
+        "model": {
+            "modality": args.modality,
+            "size": size,
+            "stem_stride": cfg.stem_stride,
+            "head": cfg.head,
+            "dim": cfg.out_dim,
+            "widths": cfg.widths,
+            "norm": args.norm,
+        },
         "mflops_per_item": round(flops / 1e6, 2),
         "matmul_gflops": round(peak, 1),
     }
     for batch in (1, 64):
-        x = torch.randint(0, 256, (batch, args.channels, args.size, args.size), dtype=torch.uint8)
+        x = torch.randint(0, 256, (batch, channels, size, size), dtype=torch.uint8)
         with torch.inference_mode():
             items = timed_rate(lambda x=x: model(x), args.seconds) * batch
         gflops = items * flops / 1e9

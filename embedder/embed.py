@@ -45,7 +45,7 @@ class Embedder:
 
     @property
     def dim(self) -> int:
-        return self.bundle.model_config.embed_dim
+        return self.bundle.model_config.out_dim
 
     def embed_arrays(self, x: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         """uint8 ``(N, C, S, S)`` -> float32 ``(N, D)`` unit vectors, in batches."""

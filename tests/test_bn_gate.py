@@ -29,33 +29,14 @@ from embedder.model import EmbedNet, ModelConfig, build_model
 from embedder.norm import NormConfig, bn_layers
 from embedder.precise_bn import recompute_bn_stats
 from lookalike.cli import app
+from tests.bn_models import striped_images
 
 SIZE = 16
 LABELS = ["horizontal", "vertical", "diagonal"]
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def synthetic(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Three learnable classes of striped images with class-dependent brightness."""
-    rng = np.random.default_rng(seed)
-    y = np.arange(n) % 3
-    yy, xx = np.mgrid[:SIZE, :SIZE]
-    patterns = np.stack([np.sin(yy * 1.3), np.sin(xx * 1.3), np.sin((xx + yy) * 0.9)])
-    img = (
-        128
-        + 60 * patterns[y] * rng.uniform(0.5, 1.5, (n, 1, 1))
-        + 30 * (y[:, None, None] - 1)
-        + rng.normal(0, 20, (n, SIZE, SIZE))
-    )
-    return np.clip(img, 0, 255).astype(np.uint8)[:, None], y
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(kind: str = "moving", momentum: float = 0.1) -> ModelConfig:
@@ -87,7 +68,7 @@ def train(cfg: ModelConfig, x: np.ndarray, y: np.ndarray, steps: int = 60, seed:
 
 @pytest.fixture(scope="module")
 def sample() -> tuple[np.ndarray, np.ndarray]:
-    return synthetic(240)
+    return striped_images(240, SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -288,7 +269,7 @@ def test_check_and_recalibrate_with_a_data_spec(calibrated, sample, tmp_path) ->
     """--data SPEC: a directory of labelled images, labels matched to the bundle's by name."""
     x, y = sample
     data = tmp_path / "data"
-    for i, (img, label) in enumerate(zip(*synthetic(90, seed=5), strict=True)):
+    for i, (img, label) in enumerate(zip(*striped_images(90, SIZE, seed=5), strict=True)):
         d = data / LABELS[label]
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img[0]).save(d / f"{i}.png")

@@ -44,6 +44,27 @@ def test_round_trip_gives_identical_embeddings(bundle_dir):
     assert load_bundle(path).id == bid  # the id is a pure function of the files
 
 
+def test_generic_part_travels_with_the_bundle(tmp_path):
+    """The fitted principal directions are a buffer: saved, hashed into the id, restored exactly."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        input_size=32, head="flatten", generic_dim=8, norm=NormConfig(kind="none"), num_classes=3
+    )
+    model = build_model(cfg).eval()
+    x = np.random.default_rng(0).integers(0, 256, (40, 1, 32, 32), dtype=np.uint8)
+    y = np.arange(40) % 3
+    bid_unfitted = save_bundle(tmp_path / "u", model, InputSpec(size=32), ["a", "b", "c"], x, y)
+    model.fit_generic_basis(torch.from_numpy(x))
+    bid = save_bundle(tmp_path / "f", model, InputSpec(size=32), ["a", "b", "c"], x, y)
+    assert bid != bid_unfitted
+    b = load_bundle(tmp_path / "f")
+    assert torch.equal(b.model.generic_basis, model.generic_basis) and b.model_config.out_dim == cfg.out_dim
+    emb = Embedder(b).embed_arrays(x)
+    assert emb.shape == (40, 128 + 8)
+    with torch.no_grad():
+        assert np.array_equal(emb, model(torch.from_numpy(x)).numpy())
+
+
 def test_id_changes_with_the_weights(bundle_dir, tmp_path):
     _, bid, model, x = bundle_dir
     model.stem.norm.running_var.mul_(2)

@@ -14,13 +14,7 @@ from embedder.fold import fold_batchnorm
 from embedder.model import EmbedNet, ModelConfig, build_model
 from embedder.norm import NormConfig, bn_layers
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trained_looking(cfg: ModelConfig, seed: int = 0) -> EmbedNet:

@@ -13,30 +13,9 @@ from embedder.bundle import state_dict_equal
 from embedder.model import EmbedNet, ModelConfig, build_model
 from embedder.norm import NormConfig, bn_layers
 from embedder.precise_bn import MIN_SAMPLES, NotEnoughData, precise_statistics, recompute_bn_stats
+from tests.bn_models import striped_images
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is faster, and far faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def synthetic(n: int, size: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Three classes of striped images with different brightness: non-trivial BN means and variances."""
-    rng = np.random.default_rng(seed)
-    y = np.arange(n) % 3
-    yy, xx = np.mgrid[:size, :size]
-    patterns = np.stack([np.sin(yy * 1.3), np.sin(xx * 1.3), np.sin((xx + yy) * 0.9)])
-    img = (
-        128
-        + 60 * patterns[y] * rng.uniform(0.5, 1.5, (n, 1, 1))
-        + 30 * (y[:, None, None] - 1)
-        + rng.normal(0, 20, (n, size, size))
-    )
-    return np.clip(img, 0, 255).astype(np.uint8)[:, None], y
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_model(kind: str = "moving", seed: int = 0) -> EmbedNet:
@@ -74,7 +53,7 @@ def test_stored_statistics_are_the_population_statistics_inference_sees() -> Non
     """After recalibration every BN input, in one eval pass over the whole sample, has exactly the stored
     mean and unbiased variance: the defining property of layer-by-layer precise statistics (a fvcore-style
     pass with batch-normalised earlier layers does not have it)."""
-    x, _ = synthetic(300)
+    x, _ = striped_images(300)
     model = small_model()
     recompute_bn_stats(model, x, batch_size=37)  # 37 does not divide 300: uneven last batch
     inputs = layer_inputs(model, x)
@@ -89,7 +68,7 @@ def test_stored_statistics_are_the_population_statistics_inference_sees() -> Non
 
 def test_first_layer_equals_numpy_on_the_conv_output() -> None:
     """The stem's statistics against a computation that shares no code with the estimator."""
-    x, _ = synthetic(200)
+    x, _ = striped_images(200)
     model = small_model()
     stats = precise_statistics(model, [torch.from_numpy(x[i : i + 64]) for i in range(0, 200, 64)])
     conv = model.stem.conv
@@ -105,7 +84,7 @@ def test_first_layer_equals_numpy_on_the_conv_output() -> None:
 def test_population_variance_is_not_the_mean_of_batch_variances() -> None:
     """Class-sorted batches: each batch is one class, so averaging per-batch variances drops the
     between-class spread.  The precise statistics do not depend on how the sample is batched."""
-    x, y = synthetic(192)
+    x, y = striped_images(192)
     order = np.argsort(y, kind="stable")
     xs = x[order]
     model = small_model()
@@ -128,7 +107,7 @@ def test_population_variance_is_not_the_mean_of_batch_variances() -> None:
 
 
 def test_too_small_sample_is_refused_with_the_needed_count() -> None:
-    x, _ = synthetic(20)
+    x, _ = striped_images(20)
     model = small_model()
     before = copy.deepcopy(model)
     with pytest.raises(NotEnoughData, match=rf"at least {MIN_SAMPLES} samples; got 20") as info:
@@ -136,11 +115,11 @@ def test_too_small_sample_is_refused_with_the_needed_count() -> None:
     assert info.value.need == MIN_SAMPLES and info.value.have == 20
     assert state_dict_equal(model, before)
     with pytest.raises(NotEnoughData, match="at least 500 samples; got 300"):
-        precise_statistics(model, [torch.from_numpy(synthetic(300)[0])], min_samples=500)
+        precise_statistics(model, [torch.from_numpy(striped_images(300)[0])], min_samples=500)
 
 
 def test_inputs_are_left_alone_and_modes_kept() -> None:
-    x, _ = synthetic(128)
+    x, _ = striped_images(128)
     model = small_model().train()
     before = copy.deepcopy(model)
     precise_statistics(model, [torch.from_numpy(x)])
@@ -151,7 +130,7 @@ def test_inputs_are_left_alone_and_modes_kept() -> None:
 
 
 def test_models_without_running_statistics_give_nothing() -> None:
-    x, _ = synthetic(8)  # too few for BN, but there is no BN: nothing to refuse
+    x, _ = striped_images(8)  # too few for BN, but there is no BN: nothing to refuse
     for kind in ("none", "group"):
         model = small_model(kind)
         assert precise_statistics(model, [torch.from_numpy(x)]) == {}

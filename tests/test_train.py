@@ -242,6 +242,8 @@ def test_cli_writes_a_loadable_bundle_with_report(exec_manifest, tmp_path):
     assert b.id in r.output and "eval-mode" in r.output
     assert b.input_spec.modality == "executable" and b.input_spec.size == 32
     assert b.input_spec.representation == "bigram"  # the CLI's default for executables
+    assert b.model_config.head == "flatten"  # bigram positions are byte pairs: kept, not averaged
+    assert b.model_config.out_dim == 32 + 128 and b.model.generic_basis.abs().sum() > 0  # fitted
     metrics = json.loads((out / "metrics.json").read_text())
     assert len(metrics["history"]) == 2 and "seconds_wall" in metrics["final"]
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

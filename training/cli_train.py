@@ -122,7 +122,11 @@ def train_command(
     size: Annotated[
         int | None,
         typer.Option(
-            "--size", min=8, max=512, help="Input size S (SxS). Default: 28 images, 64 executables."
+            "--size",
+            min=8,
+            max=512,
+            help="Input size S (SxS). Default: 28 images, 256 executables "
+            "(the full byte-pair table, no pooling).",
         ),
     ] = None,
     representation: Annotated[
@@ -131,6 +135,24 @@ def train_command(
             "--representation",
             help="Executables: bigram (byte-pair frequencies, default: far better retrieval on the Debian "
             "families) or nataraj (the bytes laid out as an image).",
+        ),
+    ] = None,
+    head: Annotated[
+        str | None,
+        typer.Option(
+            "--head",
+            help="How the last feature map becomes the embedding: flatten (keeps positions; default for "
+            "bigram inputs, where a position is a byte pair) or avg (global average pooling; default "
+            "otherwise).",
+        ),
+    ] = None,
+    generic_dim: Annotated[
+        int | None,
+        typer.Option(
+            "--generic-dim",
+            min=0,
+            help="Principal components of the convolutional features appended to the trained embedding "
+            "(0: none); they keep unseen families apart. Default: 128 executables, 0 images.",
         ),
     ] = None,
     workers: Annotated[
@@ -193,6 +215,8 @@ def train_command(
             embed_dim=embed_dim,
             size=size,
             representation=representation,
+            head=head,
+            generic_dim=generic_dim,
             threads=threads,
         ).resolved()
         if split not in ("seen", "unseen", "none"):
