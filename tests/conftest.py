@@ -114,22 +114,27 @@ def run_cli(*args: object, timeout: float = 600, check: bool = True) -> subproce
 @pytest.fixture(scope="session")
 def family_files() -> dict[str, list[Path]]:
     """Up to 24 distinct small ELF files from /usr/bin for each of four Debian source packages."""
+    return debian_family_files(E2E_FAMILIES, 24)
+
+
+def debian_family_files(families: tuple[str, ...], cap: int) -> dict[str, list[Path]]:
+    """Up to ``cap`` distinct ELF files under 3 MB from /usr/bin for each family (skip if one has < 8)."""
     from training.debian import debian_source_package, find_executables
 
     paths = [p for p in find_executables([Path("/usr/bin")]) if p.stat().st_size < 3_000_000]
     labels = debian_source_package(paths)
-    out: dict[str, list[Path]] = {f: [] for f in E2E_FAMILIES}
+    out: dict[str, list[Path]] = {f: [] for f in families}
     seen: set[str] = set()
     for p in sorted(paths):
         family = labels.get(p)
-        if family in out and len(out[family]) < 24:
+        if family in out and len(out[family]) < cap:
             digest = hashlib.sha256(p.read_bytes()).hexdigest()
             if digest not in seen:
                 seen.add(digest)
                 out[family].append(p)
     missing = [f for f, files in out.items() if len(files) < 8]
     if missing:
-        pytest.skip(f"this machine lacks the e2e families {missing}")
+        pytest.skip(f"this machine lacks the families {missing}")
     return out
 
 

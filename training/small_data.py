@@ -27,7 +27,6 @@ import torch
 
 from embedder.bn_gate import check_model
 from embedder.dataspec import LabelledData, load_data
-from embedder.inputs import InputSpec
 from embedder.precise_bn import recompute_bn_stats
 from training.loop import TrainConfig, embed_eval, train, train_mode_accuracy
 from training.splits import Split, make_split
@@ -60,6 +59,20 @@ class Row:
         return self.train_mode_acc - self.eval_mode_acc
 
 
+# The experiment's model and input, pinned: it is about BatchNorm statistics, not retrieval quality, and
+# its documented numbers (docs/experiments.md) were measured with this configuration, which the training
+# defaults have since moved away from (256x256 bigram, flatten head, generic part).
+PINNED: dict[str, dict[str, Any]] = {
+    "executable": {"representation": "nataraj", "size": 64, "head": "avg", "generic_dim": 0},
+    "image": {},
+}
+
+
+def experiment_config(modality: str, **kw: Any) -> TrainConfig:
+    """The experiment's training configuration; its ``input_spec()`` is what the data is loaded with."""
+    return TrainConfig(modality=modality, split="seen", sampler="random", **PINNED[modality], **kw)
+
+
 def executable_data(
     families: tuple[str, ...], per_family: int, manifest: Path | None, seed: int
 ) -> LabelledData:
@@ -84,7 +97,7 @@ def executable_data(
             w.writerows(rows)
         return load_data(
             str(subset),
-            InputSpec.for_modality("executable"),
+            experiment_config("executable").resolved().input_spec(),
             limit_per_class=per_family,
             seed=seed,
             progress=False,
@@ -95,7 +108,7 @@ def image_data(directory: Path, classes: tuple[str, ...], per_class: int, seed: 
     """A few hundred Fashion-MNIST images of a few classes (train part; test part for held-out)."""
     data = load_data(
         f"idx:{directory}",
-        InputSpec.for_modality("image"),
+        experiment_config("image").resolved().input_spec(),
         limit_per_class=per_class,
         seed=seed,
         progress=False,
@@ -149,15 +162,7 @@ def run(
 ) -> list[Row]:
     """Train every variant on ``data`` (seen split) and measure it; the recalibrated row comes last."""
     split = make_split(data, "seen")
-    base = TrainConfig(
-        modality=modality,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        split="seen",
-        seed=seed,
-        sampler="random",
-    )
+    base = experiment_config(modality, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     rows: list[Row] = []
     keras_like = None
     for name, overrides in VARIANTS:
