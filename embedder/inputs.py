@@ -195,7 +195,34 @@ def _pe_info(data: bytes) -> ExecutableInfo:
     return ExecutableInfo("PE", arch, tuple(s.name for s in binary.sections))
 
 
+def _check_macho_length(data: bytes) -> None:
+    # Like ELF, LIEF accepts a Mach-O cut short anywhere after its 16th byte (an "empty" binary with no
+    # sections), so the fat table, the header and its load commands are checked against the real length.
+    n = len(data)
+    if data[:4] == b"\xca\xfe\xba\xbe":  # universal ("fat") file: big-endian table of slices
+        if n < 8:
+            raise NotAnExecutable(f"truncated Mach-O universal header: {n} bytes")
+        (count,) = struct.unpack_from(">I", data, 4)
+        if count == 0 or 8 + 20 * count > n:
+            raise NotAnExecutable(f"truncated or empty Mach-O universal table ({count} slices, {n} bytes)")
+        for i in range(count):
+            offset, size = struct.unpack_from(">II", data, 8 + 20 * i + 8)
+            if offset + size > n:
+                raise NotAnExecutable(f"truncated Mach-O: slice {i} ends past the file's {n} bytes")
+        return
+    endian = "<" if data[:4] in (b"\xce\xfa\xed\xfe", b"\xcf\xfa\xed\xfe") else ">"
+    header_len = 32 if data[:4] in (b"\xcf\xfa\xed\xfe", b"\xfe\xed\xfa\xcf") else 28
+    if n < header_len:
+        raise NotAnExecutable(f"truncated Mach-O header: {n} of {header_len} bytes")
+    ncmds, sizeofcmds = struct.unpack_from(endian + "II", data, 16)
+    if ncmds == 0:
+        raise NotAnExecutable("Mach-O header declares no load commands")
+    if header_len + sizeofcmds > n:
+        raise NotAnExecutable(f"truncated Mach-O: load commands end past the file's {n} bytes")
+
+
 def _macho_info(data: bytes) -> ExecutableInfo:
+    _check_macho_length(data)
     fat = lief.MachO.parse(list(data), config=lief.MachO.ParserConfig.quick)
     if fat is None or fat.size == 0:
         # 0xCAFEBABE is also the magic of Java class files; LIEF tells the two apart.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,6 +53,35 @@ def test_real_pe(pe_path):
     assert p.format == "PE"
     assert p.info.arch in {"AMD64", "I386", "ARM64", "ARMNT"}
     assert p.info.sections  # a real PE has named sections
+
+
+MACHO = Path(__file__).parent / "data" / "hello-macho.o"  # llvm-mc output; source and command beside it
+
+
+def _universal(thin: bytes) -> bytes:
+    """Wrap a thin Mach-O in a one-slice universal ("fat") file, as lipo would (slice at 4096)."""
+    cputype, cpusubtype = struct.unpack_from("<II", thin, 4)
+    header = struct.pack(">IIIIIII", 0xCAFEBABE, 1, cputype, cpusubtype, 4096, len(thin), 12)
+    return header + b"\x00" * (4096 - len(header)) + thin
+
+
+def test_real_macho_object():
+    p = prepare_file(MACHO, EXE)
+    assert p.format == "MachO" and p.info.arch == "X86_64"
+    assert p.info.sections == ("__text", "__cstring")
+    fat = prepare(_universal(MACHO.read_bytes()), EXE)
+    assert fat.format == "MachO" and fat.info.sections == p.info.sections
+
+
+@pytest.mark.parametrize("cut", [3, 20, 31, 100, 200])
+def test_truncated_macho_is_refused(cut):
+    # LIEF alone accepts every one of these from byte 16 on, as an empty Mach-O.
+    thin = MACHO.read_bytes()
+    with pytest.raises(NotAnExecutable):
+        prepare(thin[:cut], EXE)
+    fat = _universal(thin)
+    with pytest.raises(NotAnExecutable):
+        prepare(fat[: 4096 + cut], EXE)
 
 
 @pytest.mark.parametrize(
