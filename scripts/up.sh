@@ -20,7 +20,7 @@ if [ ! -f "$VAR/manifest.csv" ]; then
 fi
 
 if [ ! -d "$MODEL" ]; then
-  step "training the default executable model (a few minutes on 2 cores)"
+  step "training the default executable model (about 6 minutes on 2 cores)"
   "$BIN/lookalike" train --data "$VAR/manifest.csv" --modality executable --norm moving --split none \
     --out "$MODEL"
 fi
