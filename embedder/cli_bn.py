@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
+import torch
 import typer
 
 from embedder.bn_gate import GateReport, GateThresholds, check_model
@@ -276,6 +277,9 @@ def recalibrate(
         if len(cal_x) > MAX_CALIBRATION:
             keep = np.sort(np.random.default_rng(0).choice(len(cal_x), size=MAX_CALIBRATION, replace=False))
             cal_x, cal_y = cal_x[keep], cal_y[keep]
+        # The generic part is the principal directions of the features these statistics produce: refit
+        # on the sample the new bundle carries, as training fitted it on the one the old bundle carries.
+        model.fit_generic_basis(torch.from_numpy(np.ascontiguousarray(cal_x)))
         try:
             new_id = save_bundle(
                 out,

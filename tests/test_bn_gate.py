@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -233,6 +234,22 @@ def test_recalibrate_repairs_a_corrupted_bundle_without_touching_it(calibrated, 
     rewritten = load_bundle(old)
     assert rewritten.id == old_id and rewritten.bn_report is not None
     assert rewritten.bn_report["verdict"] == UNCONVERGED and rewritten.bn_report["bundle"]["id"] == old_id
+
+
+def test_recalibrate_refits_the_generic_part(sample, tmp_path) -> None:
+    x, y = sample
+    cfg = dataclasses.replace(config(), head="flatten", generic_dim=4)
+    model = train(cfg, x, y)
+    model.fit_generic_basis(torch.from_numpy(x))
+    old = make_bundle(tmp_path / "old", corrupted(model, "stages.0.b.norm", "var*10"), x, y)
+    r = runner.invoke(app, ["recalibrate", str(old), "--out", str(tmp_path / "new"), "--batch-size", "32"])
+    assert r.exit_code == 0, r.output
+    new = load_bundle(tmp_path / "new")
+    # The new basis is the principal directions of the recalibrated features over the carried sample.
+    expected = copy.deepcopy(new.model)
+    expected.fit_generic_basis(torch.from_numpy(new.calibration_x))
+    assert torch.equal(new.model.generic_basis, expected.generic_basis)
+    assert not torch.equal(new.model.generic_basis, load_bundle(old).model.generic_basis)
 
 
 def test_recalibrate_refuses_to_write_over_its_input(calibrated, sample, tmp_path) -> None:
