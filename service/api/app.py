@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from embedder.bundle import lookalike_version
 from service.api import errors
+from service.api.fast_search import JsonSearchFastPath
 from service.api.limits import BodySizeLimit
 from service.api.metrics import Metrics, MetricsMiddleware
 from service.api.routes import collections, embed, health, search
@@ -18,8 +19,11 @@ from service.runtime import Runtime
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and small fields around a file of the maximum size
 
 
-def create_app(runtime: Runtime) -> FastAPI:
-    """The app; the runtime must be loaded (``runtime.load()``, which runs the BN gate) beforehand."""
+def create_app(runtime: Runtime, *, fast_json_search: bool = True) -> FastAPI:
+    """The app; the runtime must be loaded (``runtime.load()``, which runs the BN gate) beforehand.
+
+    ``fast_json_search=False`` leaves JSON searches to the FastAPI route (the tests compare the two).
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -41,6 +45,9 @@ def create_app(runtime: Runtime) -> FastAPI:
     errors.install(app)
     for module in (embed, search, collections, health):
         app.include_router(module.router)
+    if fast_json_search:  # added first: it runs inside the metrics and body-size middleware
+        route = next(r for r in search.router.routes if getattr(r, "path", None) == "/search")
+        app.add_middleware(JsonSearchFastPath, runtime=runtime, route=route)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(BodySizeLimit, max_bytes=runtime.settings.max_upload_bytes + MULTIPART_OVERHEAD)
     return app

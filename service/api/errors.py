@@ -36,14 +36,18 @@ def error_body(code: str, message: str) -> dict[str, str]:
     return {"code": code, "message": message}
 
 
+def error_response(exc: ApiError | LookalikeError) -> JSONResponse:
+    """The JSON answer to a typed error: used by the handlers below and by the JSON search fast path."""
+    if isinstance(exc, ApiError):
+        return JSONResponse(error_body(exc.code, exc.message), exc.status, headers=exc.headers)
+    return JSONResponse(error_body(exc.code, str(exc)), exc.http_status)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(error_body(exc.code, exc.message), exc.status, headers=exc.headers)
-
     @app.exception_handler(LookalikeError)
-    async def _lookalike_error(_: Request, exc: LookalikeError) -> JSONResponse:
-        return JSONResponse(error_body(exc.code, str(exc)), exc.http_status)
+    async def _typed_error(_: Request, exc: ApiError | LookalikeError) -> JSONResponse:
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -46,9 +46,10 @@ def _query_vector(served: Served, vector: list[float]) -> np.ndarray:
     return xq / norm  # scores are cosines: the store holds unit vectors
 
 
-async def _from_json(request: Request, runtime: Runtime) -> tuple[Served, np.ndarray, SearchQuery]:
+async def query_from_json(runtime: Runtime, body: bytes) -> tuple[Served, np.ndarray, SearchQuery]:
+    """The collection, unit query vector and options of a JSON search body (``{vector}`` or ``{id}``)."""
     try:
-        query = SearchQuery.model_validate_json(await request.body())
+        query = SearchQuery.model_validate_json(body)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
@@ -79,16 +80,10 @@ async def _from_file(request: Request, runtime: Runtime) -> tuple[Served, np.nda
     return served, vector, query
 
 
-@router.post("/search", response_model=SearchPublic, dependencies=[ReadKey], openapi_extra=SEARCH_BODY)
-async def search(request: Request, runtime: RuntimeDep) -> Response:
-    started = time.perf_counter()
-    kind = media_type(request)
-    if kind == "application/json":
-        served, xq, query = await _from_json(request, runtime)
-    elif kind == "multipart/form-data":
-        served, xq, query = await _from_file(request, runtime)
-    else:
-        raise unsupported_type("send application/json ({vector} or {id}) or multipart/form-data with a file")
+async def answer(
+    runtime: Runtime, served: Served, xq: np.ndarray, query: SearchQuery, started: float
+) -> Response:
+    """Search ``served`` for ``xq`` and serialise the answer; ``started`` is when the request came in."""
     if not 1 <= query.k <= runtime.settings.max_k:
         raise bad_request(f"k must be between 1 and {runtime.settings.max_k}")
 
@@ -110,3 +105,21 @@ async def search(request: Request, runtime: RuntimeDep) -> Response:
     )
     # Serialised here: returning the model would make FastAPI validate it a second time.
     return Response(body.model_dump_json(), media_type="application/json")
+
+
+@router.post("/search", response_model=SearchPublic, dependencies=[ReadKey], openapi_extra=SEARCH_BODY)
+async def search(request: Request, runtime: RuntimeDep) -> Response:
+    """Neighbours of an uploaded file (multipart), a vector or a stored item (JSON).
+
+    JSON bodies are answered by ``service.api.fast_search`` before they reach this route, with the same
+    functions; this route describes /search in the OpenAPI docs and serves multipart uploads.
+    """
+    started = time.perf_counter()
+    kind = media_type(request.headers)
+    if kind == "application/json":
+        served, xq, query = await query_from_json(runtime, await request.body())
+    elif kind == "multipart/form-data":
+        served, xq, query = await _from_file(request, runtime)
+    else:
+        raise unsupported_type("send application/json ({vector} or {id}) or multipart/form-data with a file")
+    return await answer(runtime, served, xq, query, started)
