@@ -144,9 +144,11 @@ class EmbedNet(nn.Module):
                 cin = width
         self.stages = nn.Sequential(*stages)
         self.proj = nn.Linear(cfg.head_in, cfg.embed_dim)
-        # A buffer, not a parameter: no gradient reaches it; zeros until fitted, which leaves the
-        # embedding the trained part alone (the normalised concatenation of a unit vector and zeros).
-        self.register_buffer("generic_basis", torch.zeros(cfg.generic_dim, cfg.head_in))
+        if cfg.generic_dim:
+            # A buffer, not a parameter: no gradient reaches it; zeros until fitted, which leaves the
+            # embedding the trained part alone (the normalised concatenation of a unit vector and zeros).
+            # Only registered when used, so bundles written before the generic part existed still load.
+            self.register_buffer("generic_basis", torch.zeros(cfg.generic_dim, cfg.head_in))
         self.classifier = (
             CosineClassifier(cfg.embed_dim, cfg.num_classes, cfg.classifier_scale)
             if cfg.num_classes > 0

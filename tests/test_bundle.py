@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from embedder.bundle import CALIBRATION, CONFIG, WEIGHTS, load_bundle, save_bundle, state_dict_equal
 from embedder.embed import Embedder
@@ -63,6 +64,23 @@ def test_generic_part_travels_with_the_bundle(tmp_path):
     assert emb.shape == (40, 128 + 8)
     with torch.no_grad():
         assert np.array_equal(emb, model(torch.from_numpy(x)).numpy())
+
+
+def test_bundles_from_before_the_configurable_head_still_load(bundle_dir):
+    """Bundles written before `head` and `generic_dim` existed (e.g. a `make up` var/ from then)."""
+    path, _bid, model, x = bundle_dir
+    # The weights of a model without a generic part have exactly the tensors they had then...
+    with safe_open(str(path / WEIGHTS), framework="pt") as f:
+        assert "generic_basis" not in set(f.keys())
+    # ...and the configuration lacks the two keys added since.
+    config = json.loads((path / CONFIG).read_text())
+    for key in ("head", "generic_dim"):
+        del config["model"][key]
+    (path / CONFIG).write_text(json.dumps(config))
+    b = load_bundle(path)
+    assert b.model_config.head == "avg" and b.model_config.out_dim == 128
+    with torch.no_grad():
+        assert np.array_equal(Embedder(b).embed_arrays(x), model.eval()(torch.from_numpy(x)).numpy())
 
 
 def test_id_changes_with_the_weights(bundle_dir, tmp_path):
