@@ -55,6 +55,19 @@ def test_folded_equals_unfolded_default_model(kind: str) -> None:
     assert folded.stem.conv.bias is not None and getattr(folded, "folded", False)
 
 
+def test_folded_shipped_executable_architecture_keeps_its_generic_part() -> None:
+    """Patch stem, flatten head and a fitted generic part: folding changes none of the embedding."""
+    cfg = ModelConfig(input_size=128, stem_stride=4, head="flatten", generic_dim=8, num_classes=4)
+    model = trained_looking(cfg)
+    x = inputs(24, 128)
+    model.fit_generic_basis(x)
+    assert model.generic_basis.abs().sum() > 0
+    folded = fold_batchnorm(model)
+    assert torch.equal(folded.generic_basis, model.generic_basis)
+    with torch.no_grad():
+        assert float((model(x) - folded(x)).abs().max()) <= 1e-4
+
+
 def test_fold_never_touches_the_original() -> None:
     model = trained_looking(ModelConfig(input_size=32, widths=(8, 16), blocks=(1, 1)))
     model.train()
