@@ -32,14 +32,30 @@ def matmul_gflops(n: int = 2048, seconds: float = 3.0) -> float:
     return timed_rate(lambda: torch.mm(a, b), seconds) * 2 * n**3 / 1e9
 
 
-def random_gated_bundle(path: Path, *, spec: InputSpec | None = None, seed: int = 0) -> Path:
+def shipped_config(
+    modality: str, size: int | None = None, norm: str = "moving"
+) -> tuple[ModelConfig, InputSpec]:
+    """The architecture and input `lookalike train` builds for a modality by default (TrainConfig is
+    the one place those defaults live)."""
+    from training.cli_train import EXECUTABLE_REPRESENTATION
+    from training.loop import TrainConfig
+
+    rep = EXECUTABLE_REPRESENTATION if modality == "executable" else None
+    cfg = TrainConfig(modality=modality, norm=norm, size=size, representation=rep).resolved()
+    return cfg.model_config(num_classes=2), cfg.input_spec()
+
+
+def random_gated_bundle(
+    path: Path, *, spec: InputSpec | None = None, cfg: ModelConfig | None = None, seed: int = 0
+) -> Path:
     """A bundle with random weights and precise BN statistics: it passes the gate, so it can be served.
 
     Speed does not depend on training, so benchmarks use this instead of waiting for a trained model.
+    ``cfg`` defaults to the base architecture for ``spec`` (which defaults to ``InputSpec()``).
     """
     spec = spec or InputSpec()
     torch.manual_seed(seed)
-    model = build_model(ModelConfig(in_channels=spec.channels, input_size=spec.size, num_classes=2))
+    model = build_model(cfg or ModelConfig(in_channels=spec.channels, input_size=spec.size, num_classes=2))
     x = np.random.default_rng(seed).integers(
         0, 256, (256, spec.channels, spec.size, spec.size), dtype=np.uint8
     )

@@ -17,17 +17,8 @@ import json
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.common import matmul_gflops, timed_rate
-from embedder.model import ModelConfig, build_model
-from training.cli_train import EXECUTABLE_REPRESENTATION
-from training.loop import TrainConfig
-
-
-def shipped_config(modality: str, size: int | None, norm: str) -> ModelConfig:
-    """The architecture `lookalike train` builds for a modality (its defaults, one place: TrainConfig)."""
-    rep = EXECUTABLE_REPRESENTATION if modality == "executable" else None
-    cfg = TrainConfig(modality=modality, norm=norm, size=size, representation=rep).resolved()
-    return cfg.model_config(num_classes=0)
+from bench.common import matmul_gflops, shipped_config, timed_rate
+from embedder.model import build_model
 
 
 def flops_per_item(model: torch.nn.Module, size: int, channels: int) -> float:
@@ -46,7 +37,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    cfg = shipped_config(args.modality, args.size, args.norm)
+    cfg, _ = shipped_config(args.modality, args.size, args.norm)
     size, channels = cfg.input_size, cfg.in_channels
     model = build_model(cfg).eval()
     flops = flops_per_item(model, size, channels)

@@ -11,7 +11,8 @@ below reads from memory; cold-disk reading would only add to all of them):
 Part 2: single-query search latency of ``Collection.search`` against ``index.search`` on the same FAISS
 index kind over the same random unit vectors (dim 128, k 10, one OpenMP thread for both), at each size.
 
-Without ``--model`` a gate-passing model with random weights is used: speed does not depend on training.
+Without ``--model`` a gate-passing model with random weights and the architecture `lookalike train` ships
+for executables is used: speed does not depend on training.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import faiss
 import numpy as np
 import torch
 
-from bench.common import random_gated_bundle
+from bench.common import random_gated_bundle, shipped_config
 from embedder.bn_gate import check_model
 from embedder.bundle import load_bundle
 from embedder.dataspec import load_data
@@ -140,7 +141,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         if not args.skip_indexing:
-            bundle = args.model or random_gated_bundle(tmp / "model")
+            cfg, spec = shipped_config("executable")
+            bundle = args.model or random_gated_bundle(tmp / "model", spec=spec, cfg=cfg)
             out["indexing"] = bench_indexing(
                 [Path(r) for r in args.roots.split(",")], bundle, tmp, args.max_mb
             )
