@@ -21,9 +21,10 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import faiss
 import numpy as np
@@ -39,6 +40,7 @@ from service.parser_pool import ParserPool
 from service.store import Collection, Store
 
 log = logging.getLogger("lookalike.service")
+T = TypeVar("T")
 
 
 INLINE_SEARCH_MAX = 250_000
@@ -74,6 +76,13 @@ class Runtime:
     served: dict[str, Served] = field(default_factory=dict)
     problems: dict[str, str] = field(default_factory=dict)
     _infer: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "lookalike-infer"))
+    # omp_set_num_threads is per thread: a worker thread would search with OpenMP's default (every core)
+    # and fight the event loop for the 2 cores (100k: 7.4 ms a search instead of 2.5; docs/benchmarks.md).
+    _search: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(
+            2, "lookalike-search", initializer=faiss.omp_set_num_threads, initargs=(1,)
+        )
+    )
     _stop: threading.Event = field(default_factory=threading.Event)
     _catch_up: threading.Thread | None = None
 
@@ -142,6 +151,7 @@ class Runtime:
         if self.pool is not None:
             self.pool.close()
         self._infer.shutdown(wait=False)
+        self._search.shutdown(wait=False)
 
     # ------------------------------------------------------------------------------------- serving
 
@@ -156,6 +166,10 @@ class Runtime:
         loop = asyncio.get_running_loop()
         out = await loop.run_in_executor(self._infer, served.embedder.embed_arrays, array[None])
         return out[0]
+
+    async def search_in_thread(self, run: Callable[[], T]) -> T:
+        """``run`` (a FAISS search) on a worker thread with one OpenMP thread, like the event loop's."""
+        return await asyncio.get_running_loop().run_in_executor(self._search, run)
 
     def readiness(self) -> dict[str, Any]:
         collections = {}

@@ -168,3 +168,24 @@ def test_metrics_and_docs_still_describe_search(clients):
     body = fast.get("/openapi.json").json()["paths"]["/search"]["post"]["requestBody"]["content"]
     assert {"application/json", "multipart/form-data"} <= set(body)
     assert fast.get("/docs").status_code == 200
+
+
+def test_large_index_searches_run_on_one_openmp_thread_with_the_same_answers(clients, runtime, monkeypatch):
+    """Indexes above INLINE_SEARCH_MAX are searched on a worker thread. omp_set_num_threads is per
+    thread, so that worker must set it itself (with OpenMP's default a 100k search took 3x longer)."""
+    import threading
+
+    import faiss
+
+    default: list[int] = []
+    t = threading.Thread(target=lambda: default.append(faiss.omp_get_max_threads()))
+    t.start()
+    t.join()
+    if default[0] == 1:
+        pytest.skip("one core: a fresh thread already gets one OpenMP thread, nothing to tell apart")
+    assert asyncio.run(runtime.search_in_thread(faiss.omp_get_max_threads)) == 1
+    inline = _both(clients, QUERIES[1])[0]
+    monkeypatch.setattr(runtime.served["c"], "inline_search", False)
+    threaded = _both(clients, QUERIES[1])[0]
+    assert threaded.status_code == inline.status_code == 200
+    assert _without_timing(threaded) == _without_timing(inline)

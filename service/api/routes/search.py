@@ -92,10 +92,10 @@ async def answer(
             xq[None, :], query.k, label=query.label, score_threshold=query.score_threshold
         )[0]
 
-    # Small indexes are searched on the event loop: a flat search of 100k vectors takes ~2 ms, less than
-    # the ~1.3 ms a hop to a worker thread measured on the loaded 2-core machine plus its own cost. Large
-    # ones go to a thread so one slow search does not hold every other request.
-    hits = run() if served.inline_search else await anyio.to_thread.run_sync(run)
+    # Small indexes are searched on the event loop: through a worker thread a 100k search measured 4.0 ms
+    # p50 against 3.0 ms inline (one client, docs/benchmarks.md). Large ones go to a thread (one OpenMP
+    # thread each, see Runtime.search_in_thread) so one slow search does not hold every other request.
+    hits = run() if served.inline_search else await runtime.search_in_thread(run)
     body = SearchPublic(
         model=served.bundle.id,
         took_ms=round((time.perf_counter() - started) * 1000, 3),
