@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from tqdm import tqdm
 
 from embedder.errors import InputError, LookalikeError
 from embedder.inputs import InputSpec, prepare_array, prepare_file, read_idx
+from embedder.progress import progress_bar
 
 SpecKind = Literal["dir", "csv", "idx"]
 IdxSplit = Literal["train", "test"]
@@ -320,8 +320,7 @@ def _prepare_path(path: str) -> _Result:
 
 
 def _progress(it: Iterator[_Result], total: int, desc: str, enabled: bool) -> Iterator[_Result]:
-    show = enabled and sys.stderr.isatty()
-    return iter(tqdm(it, total=total, desc=desc, unit="file", disable=not show, leave=False))
+    return iter(progress_bar(it, enabled=enabled, total=total, desc=desc, unit="file"))
 
 
 def process_pool(
@@ -445,13 +444,7 @@ def _load_idx(
             raise SpecError(f"{spec}: label {int(targets.max())} out of range for {len(class_names)} classes")
         part_labels = [class_names[int(t)] for t in targets]
         keep = _limit(part_labels, limit, seed)
-        records = tqdm(
-            keep,
-            desc=f"preparing {part}",
-            unit="rec",
-            leave=False,
-            disable=not (progress and sys.stderr.isatty()),
-        )
+        records = progress_bar(keep, enabled=progress, desc=f"preparing {part}", unit="rec")
         for i in records:
             record = images[i]
             results.append(

@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -45,6 +44,7 @@ import tlsh
 from tqdm import tqdm
 
 from embedder.dataspec import process_pool
+from embedder.progress import progress_bar
 
 FILE_BASELINES: tuple[str, ...] = ("tlsh", "ssdeep", "bytehist")
 IMAGE_BASELINES: tuple[str, ...] = ("pixels",)
@@ -204,13 +204,7 @@ def file_features(
     if todo:
         order = sorted(todo, key=lambda k: -_size(path_of[k]))
         n_workers = max(1, min(workers or os.cpu_count() or 1, len(order)))
-        bar = tqdm(
-            total=len(order),
-            desc="baseline hashes",
-            unit="file",
-            leave=False,
-            disable=not (progress and sys.stderr.isatty()),
-        )
+        bar = progress_bar(enabled=progress, total=len(order), desc="baseline hashes", unit="file")
         pending: list[tuple[str, dict[str, bytes]]] = []
         last_flush = [time.perf_counter()]
 

@@ -18,18 +18,16 @@ import csv
 import hashlib
 import os
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
 from embedder.dataspec import process_pool
 from embedder.errors import InputError, LookalikeError
 from embedder.inputs import DEFAULT_MAX_BYTES, detect_executable
+from embedder.progress import progress_bar
 
 # ELF from the usual places, plus the Windows PE stubs and plugins of Debian's `nsis` package where it is
 # installed (the MinGW runtime DLLs are under /usr/lib already). Missing roots are skipped.
@@ -252,13 +250,12 @@ def _inspect(path: str, max_bytes: int) -> _Inspected:
 
 
 def _inspect_all(paths: list[str], max_bytes: int, workers: int, progress: bool) -> list[_Inspected]:
-    show = progress and sys.stderr.isatty()
     if workers <= 1 or len(paths) < 16:
         it: Iterable[_Inspected] = (_inspect(p, max_bytes) for p in paths)
-        return list(tqdm(it, total=len(paths), desc="hashing", unit="file", disable=not show, leave=False))
+        return list(progress_bar(it, enabled=progress, total=len(paths), desc="hashing", unit="file"))
     with process_pool(workers) as pool:
         it = pool.map(_inspect, paths, [max_bytes] * len(paths), chunksize=4)
-        return list(tqdm(it, total=len(paths), desc="hashing", unit="file", disable=not show, leave=False))
+        return list(progress_bar(it, enabled=progress, total=len(paths), desc="hashing", unit="file"))
 
 
 def build_manifest(

@@ -26,7 +26,6 @@ decoding, the expensive part, already happened in worker processes inside ``load
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -36,13 +35,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from embedder.bundle import save_bundle
 from embedder.dataspec import LabelledData
 from embedder.inputs import InputSpec
 from embedder.model import EmbedNet, ModelConfig, build_model
 from embedder.norm import NormConfig, on_epoch_start
+from embedder.progress import progress_bar
 from training.metrics import retrieval_metrics
 from training.samplers import BalancedBatchSampler, random_batches
 from training.splits import Split
@@ -591,14 +590,7 @@ def _train(
         model.train()
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         epoch_batches = batches.epoch(epoch)[: total - step]
-        bar = tqdm(
-            epoch_batches,
-            desc=f"epoch {epoch + 1}/{epochs}",
-            unit="step",
-            leave=False,
-            disable=not (progress and sys.stderr.isatty()),
-            file=sys.stderr,
-        )
+        bar = progress_bar(epoch_batches, enabled=progress, desc=f"epoch {epoch + 1}/{epochs}", unit="step")
         loss_sum = 0.0
         for b in bar:
             idx = torch.from_numpy(b)
